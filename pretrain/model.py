@@ -1,0 +1,363 @@
+"""A LLaMA-style decoder-only transformer, readable top to bottom.
+
+Pre-norm RMSNorm, rotary position embeddings (RoPE, with position interpolation and base scaling for long
+contexts), grouped-query attention, a SwiGLU feed-forward block, no biases and no dropout. Weight names and the
+RoPE layout (rotate-half) follow Hugging Face's Llama, so an export is a rename and nothing more.
+
+Packed batches carry `document_ids` and `position_ids`; attention then never crosses a document. On CUDA this
+uses FlexAttention with a document-causal block mask (memory linear in the sequence length); elsewhere a boolean
+[B, 1, T, T] mask goes to scaled_dot_product_attention.
+
+Nothing here knows about DeepSpeed: the engine wraps the model, and activation checkpointing is injected from
+outside through `Transformer.set_activation_checkpointing`. Every module initializes its own weights inside its
+`__init__`, so building the model under `deepspeed.zero.Init` (which partitions each module's parameters as soon
+as its `__init__` returns) yields correctly initialized shards without gathering anything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from data.config import ConfigError
+
+try:  # FlexAttention arrived in torch 2.5; without it the boolean-mask path is used everywhere.
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - depends on the installed torch
+    BlockMask = create_block_mask = flex_attention = None
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of the model; `validate()` names the offending key."""
+
+    name: str = "tiny"
+    vocab_size: int = 32000
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    # Key/value heads for grouped-query attention; None means n_heads (multi-head attention).
+    n_kv_heads: int | None = None
+    # Hidden width of the SwiGLU block, given explicitly (LLaMA-2-7B: 11008).
+    ffn_dim: int = 688
+    max_seq_len: int = 256
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    # Linear position interpolation: position p is rotated as p / rope_scaling (1.0 = off).
+    rope_scaling: float = 1.0
+    # Multiplier on rope_base ("NTK-style" base scaling for long contexts; 1.0 = off).
+    rope_base_scaling: float = 1.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    # "auto": FlexAttention for packed batches on CUDA, SDPA with a boolean mask otherwise. "flex" forces
+    # FlexAttention (on CPU it is forward-only, for tests); "sdpa" always builds the [B, 1, T, T] mask.
+    attention: str = "auto"
+    # Rows of logits upcast to fp32 at a time in the loss (0 = all at once).
+    loss_chunk_size: int = 2048
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def validate(self, key: str = "model") -> None:
+        def check(ok: bool, field: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"{key}.{field}: {message}")
+
+        for field in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+            check(getattr(self, field) >= 1, field, f"must be a positive integer, got {getattr(self, field)}")
+        check(
+            self.dim % self.n_heads == 0,
+            "n_heads",
+            f"must divide {key}.dim ({self.dim} % {self.n_heads} != 0)",
+        )
+        check(self.head_dim % 2 == 0, "n_heads", f"{key}.dim / {key}.n_heads must be even for RoPE")
+        check(self.kv_heads >= 1, "n_kv_heads", f"must be a positive integer or null, got {self.n_kv_heads}")
+        check(
+            self.n_heads % self.kv_heads == 0,
+            "n_kv_heads",
+            f"must divide {key}.n_heads ({self.n_heads} % {self.kv_heads} != 0)",
+        )
+        for field in ("norm_eps", "rope_base", "rope_scaling", "rope_base_scaling", "init_std"):
+            check(getattr(self, field) > 0, field, f"must be positive, got {getattr(self, field)}")
+        check(
+            self.attention in ATTENTION_BACKENDS,
+            "attention",
+            f"must be one of {ATTENTION_BACKENDS}, got {self.attention!r}",
+        )
+        check(self.loss_chunk_size >= 0, "loss_chunk_size", "must be >= 0 (0 computes the loss in one piece)")
+
+
+class Linear(nn.Linear):
+    """A bias-free linear layer initialized from normal(0, std) inside its own `__init__`."""
+
+    def __init__(self, in_features: int, out_features: int, std: float) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+
+
+class Embedding(nn.Embedding):
+    """A token embedding initialized from normal(0, std) inside its own `__init__`."""
+
+    def __init__(self, num_embeddings: int, dim: int, std: float) -> None:
+        super().__init__(num_embeddings, dim)
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back (as Hugging Face's Llama does)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(
+    position_ids: torch.Tensor, head_dim: int, base: float, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, T, head_dim] in fp32 for (possibly fractional) positions.
+
+    Computed per batch from the positions rather than cached, which costs T * head_dim operations and keeps the
+    model free of buffers (nothing to rebuild after meta-device construction, no length limit baked in).
+    Position interpolation divides positions by `scaling`; base scaling is applied by the caller to `base`.
+    """
+    exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (base**exponents)
+    angles = (position_ids.float() / scaling)[..., None] * inv_freq  # [B, T, head_dim / 2]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, heads, T, head_dim] in the rotate-half layout, in fp32."""
+    x32 = x.float()
+    first, second = x32.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    cos, sin = cos[:, None], sin[:, None]
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 wherever the document id changes along the sequence."""
+    index = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start_index
+
+
+_compiled: dict[str, Callable[..., Any]] = {}
+
+
+def _on_cuda(fn: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
+    """`fn` compiled once on CUDA: eager FlexAttention and eager block masks materialize T x T tensors."""
+    if device.type != "cuda":
+        return fn
+    if fn.__name__ not in _compiled:
+        _compiled[fn.__name__] = torch.compile(fn, dynamic=False)
+    return _compiled[fn.__name__]
+
+
+def document_mask(cfg: ModelConfig, document_ids: torch.Tensor | None) -> Any:
+    """The attention mask for a batch: None (plain causal), a FlexAttention BlockMask, or a bool [B,1,T,T].
+
+    Padding (document id -1) attends only to earlier padding, so no row is ever fully masked.
+    """
+    if document_ids is None:
+        return None
+    use_flex = flex_attention is not None and (
+        cfg.attention == "flex" or (cfg.attention == "auto" and document_ids.is_cuda)
+    )
+    batch, length = document_ids.shape
+    if use_flex:
+
+        def document_causal(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+
+        make_mask = _on_cuda(create_block_mask, document_ids.device)
+        return make_mask(document_causal, batch, None, length, length, device=document_ids.device)
+    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]
+    return (causal & same_document)[:, None]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE; n_heads query heads share n_kv_heads key/value heads."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
+        self.k_proj = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.v_proj = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, out_std)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_kv_heads != self.n_heads
+        if BlockMask is not None and isinstance(mask, BlockMask):
+            out = _on_cuda(flex_attention, q.device)(q, k, v, block_mask=mask, enable_gqa=gqa)
+        elif mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = Linear(cfg.dim, cfg.ffn_dim, cfg.init_std)
+        self.up_proj = Linear(cfg.dim, cfg.ffn_dim, cfg.init_std)
+        self.down_proj = Linear(cfg.ffn_dim, cfg.dim, cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """The decoder: embeddings, `layers` (an nn.ModuleList of Blocks), a final norm and the output head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.dim, cfg.init_std)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, cfg.init_std)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.checkpoint_fn: Callable[..., torch.Tensor] | None = None
+        self.checkpoint_every = 1
+
+    def set_activation_checkpointing(self, fn: Callable[..., torch.Tensor] | None, every_n: int = 1) -> None:
+        """Recompute every `every_n`-th block in backward: forward calls `fn(block, x, cos, sin, mask)`.
+
+        `fn` is e.g. `deepspeed.checkpointing.checkpoint` or `functools.partial(torch.utils.checkpoint.checkpoint,
+        use_reentrant=False)`; None turns checkpointing off.
+        """
+        if every_n < 1:
+            raise ValueError(f"every_n must be at least 1, got {every_n}")
+        self.checkpoint_fn, self.checkpoint_every = fn, every_n
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V], or with `labels` (IGNORE_INDEX skipped) the mean next-token cross-entropy.
+
+        `labels` are already shifted: labels[:, t] is the target for the prediction at position t.
+        """
+        cfg = self.cfg
+        batch, length = input_ids.shape
+        if length > cfg.max_seq_len:
+            raise ValueError(f"sequence length {length} exceeds model.max_seq_len={cfg.max_seq_len}")
+        if position_ids is None:
+            if document_ids is None:
+                position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+            else:
+                position_ids = positions_from_documents(document_ids)
+        cos, sin = rope_tables(
+            position_ids, cfg.head_dim, cfg.rope_base * cfg.rope_base_scaling, cfg.rope_scaling
+        )
+        mask = document_mask(cfg, document_ids)
+
+        x = self.embed_tokens(input_ids)
+        for index, layer in enumerate(self.layers):
+            if self.checkpoint_fn is not None and index % self.checkpoint_every == 0:
+                x = self.checkpoint_fn(layer, x, cos, sin, mask)
+            else:
+                x = layer(x, cos, sin, mask)
+        x = self.norm(x)
+        if labels is None:
+            return self.lm_head(x)
+        return self.loss(x, labels)
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the non-ignored labels, without fp32 logits for the whole batch.
+
+        Rows are processed `loss_chunk_size` at a time; while training each chunk is recomputed in backward,
+        so only the hidden states are kept, never a [B*T, V] tensor of logits or log-probabilities.
+        """
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        labels = labels.reshape(-1)
+        chunk = self.cfg.loss_chunk_size or hidden.shape[0]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            piece, targets = hidden[start : start + chunk], labels[start : start + chunk]
+            if torch.is_grad_enabled() and chunk < hidden.shape[0]:
+                total = total + checkpoint(self._loss_sum, piece, targets, use_reentrant=False)
+            else:
+                total = total + self._loss_sum(piece, targets)
+        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+    def _loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden).float()
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameters of the model, counted on the meta device (no memory, works for any size); tied weights once."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), for MFU, in the PaLM / Chinchilla convention.
+
+    6 * N for the matrix multiplies, where N counts every parameter except the input embedding (a lookup, no
+    FLOPs) and includes the output projection even when it is tied to the embedding; plus
+    12 * n_layers * dim * seq_len for the attention scores and their weighted sum, counted over the full
+    T x T square (causal masking not discounted, as in PaLM). Norm weights are in N but negligible.
+    """
+    non_embedding = count_parameters(cfg) - cfg.vocab_size * cfg.dim
+    if cfg.tie_embeddings:  # the shared matrix was subtracted above but still serves as the output projection
+        non_embedding += cfg.vocab_size * cfg.dim
+    return 6.0 * non_embedding + 12.0 * cfg.n_layers * cfg.dim * seq_len
