@@ -1,0 +1,72 @@
+"""Compose, build, train, close: the body of `python -m pretrain` for one rank (torchtitan-style main)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from data.log import get_logger, setup_logging
+from pretrain.config import PretrainConfig, register_configs
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = get_logger(__name__)
+
+register_configs()
+
+
+def typed_pretrain_config(cfg: DictConfig) -> PretrainConfig:
+    """Resolve, convert to dataclasses and validate before any process group exists."""
+    config = OmegaConf.to_object(cfg)
+    assert isinstance(config, PretrainConfig), type(config)
+    config.validate()
+    setup_logging(config.log_level)
+    return config
+
+
+def compose_pretrain_config(overrides: list[str] | None = None) -> PretrainConfig:
+    """`conf/config.yaml` with overrides, outside `@hydra.main` (tests, tools)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides or []))
+    return typed_pretrain_config(cfg)
+
+
+def prepare_data(config: PretrainConfig) -> None:
+    """Train the tokenizer and write shards if missing; reuse them when present (cheap checks)."""
+    from data.prepare import ensure_shards
+
+    from data.config import DataPipelineConfig
+    from data.tokenizer import ensure_tokenizer
+
+    pipeline = DataPipelineConfig(
+        paths=config.paths, tokenizer=config.tokenizer, data=config.data, log_level=config.log_level
+    )
+    ensure_tokenizer(pipeline)
+    ensure_shards(pipeline)
+
+
+def run_rank(config: PretrainConfig) -> None:
+    """One rank: join the process group, make sure the data exists (rank 0), train, sample, close."""
+    from pretrain import engine as eng
+    from pretrain.trainer import Trainer
+
+    env = eng.init_distributed(config.deepspeed.timeout_minutes)
+    trainer = None
+    try:
+        if env.is_main:
+            prepare_data(config)
+        eng.barrier()
+        trainer = Trainer(config, env)
+        trainer.fit()
+        if config.train.sample_prompt and config.train.sample_tokens > 0:
+            text = trainer.sample(config.train.sample_prompt, config.train.sample_tokens)
+            if env.is_main:
+                log.info("sample:\n%s", text)
+    finally:
+        if trainer is not None:
+            trainer.close()
+        eng.shutdown()

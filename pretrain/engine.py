@@ -1,0 +1,307 @@
+"""The one module that knows DeepSpeed: process group, DeepSpeed config, ZeRO-3 model construction, engine.
+
+Everything else talks to `TrainingEngine`, so the model stays a plain `nn.Module` and the trainer never sees
+a DeepSpeed key.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from data.config import ConfigError
+from data.log import get_logger
+from pretrain.config import PretrainConfig
+from pretrain.model import Transformer
+
+log = get_logger(__name__)
+
+# torch 2.13 deprecates the collectives DeepSpeed 0.19 calls; the warning would print on every step.
+warnings.filterwarnings(
+    "ignore", message=r".*torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor).*"
+)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_distributed(timeout_minutes: float) -> DistEnv:
+    """Join the process group that the launcher (ours, torchrun, deepspeed or srun) described in the env."""
+    import deepspeed
+
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend, timeout=timedelta(minutes=timeout_minutes), verbose=False
+        )
+    return env
+
+
+def batch_layout(
+    global_tokens: int, seq_len: int, micro_batch: int, world_size: int, key: str
+) -> tuple[int, int]:
+    """Global batch in sequences and gradient-accumulation steps, or an error naming the key that does not divide."""
+    if global_tokens % seq_len:
+        raise ConfigError(
+            f"{key}: {global_tokens} tokens is not a multiple of data.packing.seq_len={seq_len}"
+        )
+    sequences = global_tokens // seq_len
+    per_step = micro_batch * world_size
+    if sequences % per_step:
+        raise ConfigError(
+            f"{key}: {sequences} sequences per global batch do not divide into train.micro_batch_size={micro_batch}"
+            f" x world size {world_size}; make the batch a multiple of {per_step * seq_len} tokens"
+        )
+    return sequences, sequences // per_step
+
+
+def deepspeed_config(cfg: PretrainConfig, global_sequences: int, world_size: int) -> dict[str, Any]:
+    """DeepSpeed's JSON config, generated from the Hydra config."""
+    ds = cfg.deepspeed
+    micro = cfg.train.micro_batch_size
+    zero: dict[str, Any] = {
+        "stage": ds.zero_stage,
+        "overlap_comm": ds.overlap_comm,
+        "contiguous_gradients": ds.contiguous_gradients,
+        "reduce_bucket_size": ds.reduce_bucket_size,
+    }
+    if ds.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
+            stage3_max_live_parameters=ds.stage3_max_live_parameters,
+            stage3_max_reuse_distance=ds.stage3_max_reuse_distance,
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
+    pin = torch.cuda.is_available()
+    if ds.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if ds.offload_param == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    config: dict[str, Any] = {
+        "train_batch_size": global_sequences,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": global_sequences // (micro * world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "zero_optimization": zero,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    config.update(ds.extra)
+    return config
+
+
+def parameter_groups(
+    model: torch.nn.Module, weight_decay: float, decay_norms_and_embeddings: bool
+) -> list[dict]:
+    """AdamW groups: matrices decay; norms and embeddings only if configured (biases do not exist here)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        exempt = param.ndim < 2 or "embed" in name or "norm" in name
+        (no_decay if exempt and not decay_norms_and_embeddings else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _optimizer(cfg: PretrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    opt = cfg.optim
+    kwargs = {"lr": opt.lr, "betas": tuple(opt.betas), "eps": opt.eps}
+    if cfg.deepspeed.offload_optimizer == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    if torch.cuda.is_available():
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+class TrainingEngine:
+    """A DeepSpeed engine over the model, with the few operations the trainer needs."""
+
+    def __init__(self, cfg: PretrainConfig, env: DistEnv, initial_batch_tokens: int):
+        import deepspeed
+
+        self.cfg = cfg
+        self.env = env
+        self.seq_len = cfg.data.packing.seq_len
+        sequences, _ = batch_layout(
+            initial_batch_tokens,
+            self.seq_len,
+            cfg.train.micro_batch_size,
+            env.world_size,
+            "train.start_batch_tokens",
+        )
+        self.ds_config = deepspeed_config(cfg, sequences, env.world_size)
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=cfg.deepspeed.zero_stage == 3):
+            model = Transformer(cfg.model)
+        if cfg.deepspeed.activation_checkpointing:
+            model.set_activation_checkpointing(_checkpoint_fn(), cfg.deepspeed.checkpoint_every_n_layers)
+        groups = parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_norms_and_embeddings)
+        optimizer = _optimizer(cfg, groups)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
+        )
+        self.model = model
+        self.device = torch.device(self.engine.device)
+
+    # -- batch and LR -------------------------------------------------------------------------------------
+    def set_global_batch_tokens(self, tokens: int) -> int:
+        """Resize the global batch through DeepSpeed; returns the gradient-accumulation steps now in force."""
+        sequences, gas = batch_layout(
+            tokens,
+            self.seq_len,
+            self.cfg.train.micro_batch_size,
+            self.env.world_size,
+            "train.global_batch_tokens",
+        )
+        if sequences != self.engine.train_batch_size():
+            self.engine.set_train_batch_size(sequences)
+        return gas
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.engine.gradient_accumulation_steps()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # -- training -----------------------------------------------------------------------------------------
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One micro-batch: forward, loss, backward, and DeepSpeed's step, which applies the optimizer only at
+        the gradient-accumulation boundary (the last micro-batch of the global batch)."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        loss = self.engine(
+            batch["input_ids"],
+            position_ids=batch["position_ids"],
+            document_ids=batch["document_ids"],
+            labels=batch["labels"],
+        )
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach()
+
+    def last_grad_norm(self) -> float:
+        """The global gradient norm (before clipping) of the last optimizer step."""
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+        """Summed token loss and token count of one micro-batch, for exact averages across ranks."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        self.engine.eval()
+        loss = self.engine(
+            batch["input_ids"],
+            position_ids=batch["position_ids"],
+            document_ids=batch["document_ids"],
+            labels=batch["labels"],
+        )
+        self.engine.train()
+        count = int((batch["labels"] != -100).sum())
+        return float(loss) * count, count
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full-sequence logits (every rank must call it together under ZeRO-3)."""
+        self.engine.eval()
+        out = self.engine(input_ids.to(self.device))
+        self.engine.train()
+        return out.float()
+
+    def local_parameter_count(self) -> tuple[int, int]:
+        """(elements held by this rank, total elements): ZeRO-3 holds about total / world_size per rank."""
+        local = total = 0
+        for param in self.model.parameters():
+            if hasattr(param, "ds_tensor"):
+                local += param.ds_tensor.numel()
+                total += param.ds_numel
+            else:
+                local += param.numel()
+                total += param.numel()
+        return local, total
+
+    # -- checkpoints (the format is DeepSpeed's; commit and selection live in pretrain.checkpoint) ----------
+    def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, directory: str, tag: str) -> dict[str, Any]:
+        path, client_state = self.engine.load_checkpoint(
+            directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {directory}/{tag}")
+        return client_state or {}
+
+
+def _checkpoint_fn():
+    """Activation checkpointing for a block: torch's non-reentrant recompute, which works with ZeRO-3 hooks."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(block, *args, **kwargs):
+        return checkpoint(block, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum floats across ranks (validation loss, counters)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s Python object on every rank (run ids, decisions taken by rank 0)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,80 @@
+"""Starting the ranks: join an existing launcher (srun, torchrun, deepspeed), or start local processes.
+
+`python -m pretrain` typed on a workstation has no launcher around it; it then starts `train.local_processes`
+copies of itself (one per GPU, or 2 on CPU so ZeRO-3 really shards), each with the torchrun-style environment.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+
+from data.log import get_logger
+
+log = get_logger(__name__)
+
+
+def under_launcher() -> bool:
+    """True when a launcher already set this process's rank (torchrun/deepspeed: RANK; srun: SLURM_STEP_ID)."""
+    return "RANK" in os.environ or ("SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ)
+
+
+def default_local_processes(configured: int) -> int:
+    if configured > 0:
+        return configured
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn_local(n: int, argv: list[str]) -> int:
+    """Run `python -m pretrain argv...` as `n` ranks on this machine; the first failure stops the others."""
+    port = _free_port()
+    base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n))
+    if not torch.cuda.is_available():
+        base.setdefault("DS_ACCELERATOR", "cpu")
+        base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // n)))
+    log.info("starting %d local ranks (master port %d)", n, port)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pretrain", *argv],
+            env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n)),
+        )
+        for rank in range(n)
+    ]
+
+    def forward(signum, _frame):  # Ctrl-C or a scheduler's signal reaches every rank
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, forward)
+    code = 0
+    try:
+        while procs:
+            for proc in list(procs):
+                ret = proc.poll()
+                if ret is None:
+                    continue
+                procs.remove(proc)
+                if ret != 0 and code == 0:
+                    code = ret
+                    log.error("a rank exited with code %d; stopping the others", ret)
+                    for other in procs:
+                        other.terminate()
+            time.sleep(0.2)
+    finally:
+        for proc in procs:
+            proc.kill()
+    return code

@@ -1,0 +1,292 @@
+"""The training loop: schedules in tokens, gradient accumulation, validation, logging, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.loader import GlobalBatchLoader, split_micro_batches
+from data.log import get_logger, progress_enabled
+from data.mixture import MixtureDataset
+from data.tokenizer import TokenizerInfo, load_tokenizer
+from pretrain import engine as eng
+from pretrain.checkpoint import CheckpointManager
+from pretrain.config import PretrainConfig
+from pretrain.metrics import SpikeDetector, Throughput, memory_gib, peak_tflops
+from pretrain.model import flops_per_token
+from pretrain.schedule import BatchSchedule, LRSchedule
+from pretrain.tracking import RunTracker, wandb_run_id
+
+log = get_logger(__name__)
+
+# Fault drill for tests: rank 0 kills itself with SIGKILL right after this optimizer step.
+FAULT_KILL_ENV = "PRETRAIN_FAULT_KILL_AT_STEP"
+
+
+@dataclass
+class TrainerState:
+    """Everything besides the engine that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    tokens: int = 0
+    loader: dict[str, Any] = field(default_factory=dict)
+    wandb_run_id: str = ""
+    skipped_steps: int = 0
+    batch_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Trainer:
+    """Build everything for one rank, then `fit()`; call `close()` in a `finally`."""
+
+    def __init__(self, cfg: PretrainConfig, env: eng.DistEnv):
+        self.cfg = cfg
+        self.env = env
+        self.run_dir = Path(cfg.run_dir)
+        self.seq_len = cfg.data.packing.seq_len
+        self.tokenizer, self.tok_info = load_tokenizer(cfg.tokenizer.dir)
+        _check_vocab(cfg, self.tok_info)
+        self.lr = LRSchedule(
+            cfg.optim.lr, cfg.optim.warmup_tokens, cfg.train.total_tokens, cfg.optim.min_lr_ratio
+        )
+        self.batch = BatchSchedule(
+            cfg.train.global_batch_tokens, cfg.train.start_batch_tokens, cfg.train.batch_ramp_tokens
+        )
+        for size in self.batch.sizes():  # fail now, not at the first growth step, when a size does not divide
+            eng.batch_layout(
+                size, self.seq_len, cfg.train.micro_batch_size, env.world_size, "train.global_batch_tokens"
+            )
+
+        planned = -(-cfg.train.total_tokens // self.seq_len)
+        self.train_data = MixtureDataset.from_tokenizer(
+            cfg.data, self.tok_info, split="train", planned_samples=planned
+        )
+        self.val_data = MixtureDataset.from_tokenizer(cfg.data, self.tok_info, split="val")
+        self.loader = GlobalBatchLoader(self.train_data, rank=env.rank, world_size=env.world_size)
+
+        torch.manual_seed(cfg.train.seed)  # the same init on every rank: ZeRO-3 keeps each rank's slice of it
+        self.engine = eng.TrainingEngine(cfg, env, self.batch(0))
+        local, total = self.engine.local_parameter_count()
+        per_rank = [0.0] * env.world_size
+        per_rank[env.rank] = float(local)
+        per_rank = [int(x) for x in eng.all_reduce_sum(per_rank, self.engine_device())]
+        log.info(
+            "model %s: %.2fM parameters, %.2fM on this rank (ZeRO-%d over %d ranks)",
+            cfg.model.name,
+            total / 1e6,
+            local / 1e6,
+            cfg.deepspeed.zero_stage,
+            env.world_size,
+        )
+        self.checkpoints = CheckpointManager(
+            self.run_dir, cfg.train.keep_checkpoints, env.rank, eng.barrier, self._all_ranks_ok
+        )
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            summary = {"parameters": total, "parameters_per_rank": per_rank, "world_size": env.world_size}
+            (self.run_dir / "model_summary.json").write_text(json.dumps(summary, indent=1))
+        self.state = TrainerState()
+        resumed = self.checkpoints.load_latest(self.engine)
+        if resumed is not None:
+            self.state = TrainerState(**resumed)
+            self.loader.load_state_dict(self.state.loader)
+        if env.is_main:
+            run_id = self.state.wandb_run_id or wandb_run_id(self.run_dir)
+        else:
+            run_id = ""
+        self.state.wandb_run_id = eng.broadcast_object(run_id)
+        self.tracker: RunTracker | None = None
+        if env.is_main:
+            self.tracker = RunTracker(
+                cfg,
+                self.run_dir,
+                self.state.wandb_run_id,
+                mode=cfg.logging.wandb_mode,
+                project=cfg.logging.wandb_project,
+                entity=cfg.logging.wandb_entity,
+            )
+            self.tracker.truncate_after(self.state.step)
+        self.throughput = Throughput(
+            flops_per_token(cfg.model, self.seq_len), env.world_size, peak_tflops(cfg.logging.peak_tflops)
+        )
+        self.spikes = SpikeDetector(cfg.logging.spike_window, cfg.logging.spike_sigma)
+        self.bad_in_a_row = 0
+        self.saved_step = self.state.step
+
+    def _all_ranks_ok(self, ok: bool) -> bool:
+        return eng.all_reduce_sum([0.0 if ok else 1.0], self.engine_device())[0] == 0.0
+
+    def engine_device(self) -> torch.device:
+        return torch.device("cuda", self.env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    # -- one optimizer step -----------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        batch_tokens = self.batch(self.state.tokens)
+        gas = self.engine.set_global_batch_tokens(batch_tokens)
+        lr = self.lr(self.state.tokens + batch_tokens)
+        self.engine.set_lr(lr)
+        rank_batch = self.loader.next_batch(batch_tokens // self.seq_len)
+        losses = [
+            self.engine.forward_backward(mb)
+            for mb in split_micro_batches(rank_batch, cfg.train.micro_batch_size)
+        ]
+        assert len(losses) == gas, (len(losses), gas)
+        grad_norm = self.engine.last_grad_norm()
+        local = torch.stack(losses).float().mean().item()
+        loss = eng.all_reduce_sum([local], self.engine_device())[0] / self.env.world_size
+        self.state.step += 1
+        self.state.tokens += batch_tokens
+        self.state.batch_tokens = batch_tokens
+        self.throughput.add(batch_tokens)
+        return {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/batch_tokens": float(batch_tokens),
+            "train/grad_accum": float(gas),
+            "train/tokens": float(self.state.tokens),
+        }
+
+    # -- validation -----------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Mean token loss and perplexity on the same held-out sequences every time."""
+        batch_seqs = max(self.env.world_size, self.cfg.train.micro_batch_size * self.env.world_size)
+        batches = min(self.cfg.train.eval_batches, max(1, len(self.val_data) // batch_seqs))
+        loader = GlobalBatchLoader(self.val_data, rank=self.env.rank, world_size=self.env.world_size)
+        total = count = 0.0
+        for _ in range(batches):
+            rank_batch = loader.next_batch(batch_seqs)
+            for mb in split_micro_batches(rank_batch, self.cfg.train.micro_batch_size):
+                loss_sum, n = self.engine.eval_loss(mb)
+                total += loss_sum
+                count += n
+        total, count = eng.all_reduce_sum([total, count], self.engine_device())
+        loss = total / max(count, 1.0)
+        return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg.train
+        total = cfg.total_tokens
+        log.info(
+            "training %s: %d tokens, batch %s tokens, seq_len %d, %d ranks; run dir %s",
+            cfg.run_name,
+            total,
+            "->".join(str(s) for s in self.batch.sizes()),
+            self.seq_len,
+            self.env.world_size,
+            self.run_dir,
+        )
+        if self.state.tokens >= total:
+            log.info("run %s already reached %d tokens; nothing to do", cfg.run_name, self.state.tokens)
+            return {}
+        bar = _progress(total, self.state.tokens)
+        steps_here = 0
+        last: dict[str, float] = {}
+        start = time.perf_counter()
+        while self.state.tokens < total:
+            metrics = self.train_step()
+            steps_here += 1
+            step = self.state.step
+            if bar is not None:
+                bar.update(int(metrics["train/batch_tokens"]))
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+            if self.spikes.update(metrics["train/loss"]):
+                log.warning("loss spike at step %d: %.4f", step, metrics["train/loss"])
+            if step % self.cfg.logging.log_every_steps == 0:
+                metrics.update(self.throughput.report())
+                metrics.update(memory_gib())
+                self._log(metrics, step)
+            if cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
+                self._log(self.evaluate(), step)
+            done = self.state.tokens >= total
+            if done or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
+                self.save()
+            last = metrics
+            if os.environ.get(FAULT_KILL_ENV) == str(step) and self.env.is_main:
+                os.kill(os.getpid(), signal.SIGKILL)  # fault drill: die like a preempted or crashed node
+            if cfg.stop_after_steps and steps_here >= cfg.stop_after_steps and not done:
+                log.info("stopping after %d steps in this process (train.stop_after_steps)", steps_here)
+                if self.saved_step != step:
+                    self.save()
+                break
+        if bar is not None:
+            bar.close()
+        if self.state.tokens >= total and not (
+            cfg.eval_every_steps and self.state.step % cfg.eval_every_steps == 0
+        ):
+            final = self.evaluate()
+            self._log(final, self.state.step)
+            last.update(final)
+        log.info("trained %d steps in this process in %.1fs", steps_here, time.perf_counter() - start)
+        return last
+
+    def save(self) -> None:
+        self.state.loader = self.loader.state_dict()
+        self.checkpoints.save(self.engine, self.state.step, self.state.to_dict())
+        self.saved_step = self.state.step
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        if self.tracker is not None:
+            self.tracker.log(metrics, step)
+            if "train/loss" in metrics:
+                log.info(
+                    "step %d | loss %.4f | lr %.2e | grad %.3f | batch %d | %.0f tok/s",
+                    step,
+                    metrics["train/loss"],
+                    metrics["train/lr"],
+                    metrics["train/grad_norm"],
+                    int(metrics["train/batch_tokens"]),
+                    metrics.get("perf/tokens_per_s", float("nan")),
+                )
+            else:
+                log.info("step %d | %s", step, " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def sample(self, prompt: str, max_new_tokens: int) -> str:
+        """A short top-k sample from the trained model; every rank runs it (ZeRO-3 gathers weights)."""
+        ids = [self.tok_info.bos_id, *self.tokenizer.encode(prompt, add_special_tokens=False).ids]
+        generator = torch.Generator().manual_seed(self.cfg.train.seed)
+        tokens = torch.tensor([ids], dtype=torch.long)
+        for _ in range(max_new_tokens):
+            window = tokens[:, -self.seq_len :]
+            logits = self.engine.logits(window)[0, -1].cpu()
+            top = torch.topk(logits, k=min(20, logits.numel()))
+            probs = torch.softmax(top.values / 0.8, dim=-1)
+            nxt = top.indices[torch.multinomial(probs, 1, generator=generator)]
+            tokens = torch.cat([tokens, nxt.view(1, 1)], dim=1)
+            if int(nxt) == self.tok_info.eos_id:
+                break
+        return self.tokenizer.decode(tokens[0, 1:].tolist())
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.finish()
+
+
+def _check_vocab(cfg: PretrainConfig, info: TokenizerInfo) -> None:
+    if info.vocab_size > cfg.model.vocab_size:
+        from data.config import ConfigError
+
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {info.vocab_size} tokens"
+            f" ({info.dir}); set model.vocab_size>={info.vocab_size}"
+        )
+
+
+def _progress(total: int, done: int):
+    if not progress_enabled():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="tok", unit_scale=True, desc="train", dynamic_ncols=True)
