@@ -109,7 +109,7 @@ class DataConfig:
     # Tokenizer worker processes for prepare (0 = every core).
     num_workers: int = 0
     # Where shards go.
-    shards_dir: str = "${paths.artifacts}/shards/${data.name}"
+    shards_dir: str = "${paths.artifacts}/shards/${data.name}/${tokenizer.name}"
     packing: PackingConfig = field(default_factory=PackingConfig)
     # Most epochs any source may be repeated to meet its weight; beyond it, `repetition_policy` decides.
     max_repetition: float = 4.0
