@@ -35,11 +35,24 @@ def compose_pretrain_config(overrides: list[str] | None = None) -> PretrainConfi
     return typed_pretrain_config(cfg)
 
 
+def load_run_config(run_dir: str | Path) -> PretrainConfig:
+    """The config a run was trained with, from `runs/<name>/config.yaml` (validated like a fresh one)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: is {run_dir} a run directory made by `python -m pretrain`?"
+        )
+    merged = OmegaConf.merge(OmegaConf.structured(PretrainConfig), OmegaConf.load(path))
+    config = OmegaConf.to_object(merged)
+    assert isinstance(config, PretrainConfig)
+    config.validate()
+    return config
+
+
 def prepare_data(config: PretrainConfig) -> None:
     """Train the tokenizer and write shards if missing; reuse them when present (cheap checks)."""
-    from data.prepare import ensure_shards
-
     from data.config import DataPipelineConfig
+    from data.prepare import ensure_shards
     from data.tokenizer import ensure_tokenizer
 
     pipeline = DataPipelineConfig(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from data.loader import GlobalBatchLoader, split_micro_batches
 from data.log import get_logger, progress_enabled
@@ -95,6 +96,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             summary = {"parameters": total, "parameters_per_rank": per_rank, "world_size": env.world_size}
             (self.run_dir / "model_summary.json").write_text(json.dumps(summary, indent=1))
+            # The composed config, so export, evaluation and sampling rebuild the run from its directory alone.
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         self.state = TrainerState()
         resumed = self.checkpoints.load_latest(self.engine)
         if resumed is not None:
