@@ -75,7 +75,7 @@ def run_rank(config: PretrainConfig) -> None:
         eng.barrier()
         trainer = Trainer(config, env)
         trainer.fit()
-        if config.train.sample_prompt and config.train.sample_tokens > 0:
+        if config.train.sample_prompt and config.train.sample_tokens > 0 and not trainer.preempted:
             text = trainer.sample(config.train.sample_prompt, config.train.sample_tokens)
             if env.is_main:
                 log.info("sample:\n%s", text)

@@ -56,6 +56,8 @@ def init_distributed(timeout_minutes: float) -> DistEnv:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
+    # NCCL: a collective that outlives the timeout aborts the process instead of hanging (gloo raises anyway).
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
@@ -203,9 +205,13 @@ class TrainingEngine:
             group["lr"] = lr
 
     # -- training -----------------------------------------------------------------------------------------
-    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward_backward(self, batch: dict[str, torch.Tensor], poison: bool = False) -> torch.Tensor:
         """One micro-batch: forward, loss, backward, and DeepSpeed's step, which applies the optimizer only at
-        the gradient-accumulation boundary (the last micro-batch of the global batch)."""
+        the gradient-accumulation boundary (the last micro-batch of the global batch).
+
+        A non-finite gradient norm makes DeepSpeed skip the optimizer step and drop the gradients, leaving the
+        optimizer state unchanged; `poison` (a fault drill) turns the loss into NaN to exercise that path.
+        """
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         loss = self.engine(
             batch["input_ids"],
@@ -213,9 +219,16 @@ class TrainingEngine:
             document_ids=batch["document_ids"],
             labels=batch["labels"],
         )
+        if poison:
+            loss = loss * float("nan")
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps DeepSpeed skipped because the gradients were not finite."""
+        return int(self.engine.skipped_steps)
 
     def last_grad_norm(self) -> float:
         """The global gradient norm (before clipping) of the last optimizer step."""
@@ -236,14 +249,6 @@ class TrainingEngine:
         self.engine.train()
         count = int((batch["labels"] != -100).sum())
         return float(loss) * count, count
-
-    @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Full-sequence logits (every rank must call it together under ZeRO-3)."""
-        self.engine.eval()
-        out = self.engine(input_ids.to(self.device))
-        self.engine.train()
-        return out.float()
 
     def local_parameter_count(self) -> tuple[int, int]:
         """(elements held by this rank, total elements): ZeRO-3 holds about total / world_size per rank."""

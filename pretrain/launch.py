@@ -19,6 +19,9 @@ from data.log import get_logger
 
 log = get_logger(__name__)
 
+# Seconds the surviving ranks get to exit after SIGTERM (they may be hung in a collective) before SIGKILL.
+STOP_GRACE_S = 20.0
+
 
 def under_launcher() -> bool:
     """True when a launcher already set this process's rank (torchrun/deepspeed: RANK; srun: SLURM_STEP_ID)."""
@@ -61,6 +64,7 @@ def spawn_local(n: int, argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, forward)
     code = 0
+    kill_at = None  # after a failure: when the survivors get SIGKILL if SIGTERM did not stop them
     try:
         while procs:
             for proc in list(procs):
@@ -73,6 +77,10 @@ def spawn_local(n: int, argv: list[str]) -> int:
                     log.error("a rank exited with code %d; stopping the others", ret)
                     for other in procs:
                         other.terminate()
+                    kill_at = time.monotonic() + STOP_GRACE_S
+            if kill_at is not None and time.monotonic() > kill_at:
+                for proc in procs:
+                    proc.kill()
             time.sleep(0.2)
     finally:
         for proc in procs:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +19,13 @@ from data.tokenizer import TokenizerInfo, load_tokenizer
 from pretrain import engine as eng
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import PretrainConfig
+from pretrain.faults import FaultDrills, StopRequest
 from pretrain.metrics import SpikeDetector, Throughput, memory_gib, peak_tflops
 from pretrain.model import flops_per_token
 from pretrain.schedule import BatchSchedule, LRSchedule
 from pretrain.tracking import RunTracker, wandb_run_id
 
 log = get_logger(__name__)
-
-# Fault drill for tests: rank 0 kills itself with SIGKILL right after this optimizer step.
-FAULT_KILL_ENV = "PRETRAIN_FAULT_KILL_AT_STEP"
 
 
 @dataclass
@@ -72,7 +68,8 @@ class Trainer:
         self.train_data = MixtureDataset.from_tokenizer(
             cfg.data, self.tok_info, split="train", planned_samples=planned
         )
-        self.val_data = MixtureDataset.from_tokenizer(cfg.data, self.tok_info, split="val")
+        val_data = MixtureDataset.from_tokenizer(cfg.data, self.tok_info, split="val")
+        self.val_sources = {name: val_data.for_source(name) for name in cfg.data.sources}
         self.loader = GlobalBatchLoader(self.train_data, rank=env.rank, world_size=env.world_size)
 
         torch.manual_seed(cfg.train.seed)  # the same init on every rank: ZeRO-3 keeps each rank's slice of it
@@ -125,6 +122,9 @@ class Trainer:
         self.spikes = SpikeDetector(cfg.logging.spike_window, cfg.logging.spike_sigma)
         self.bad_in_a_row = 0
         self.saved_step = self.state.step
+        self.stop = StopRequest()
+        self.drills = FaultDrills(env.rank, env.world_size)
+        self.preempted = False
 
     def _all_ranks_ok(self, ok: bool) -> bool:
         return eng.all_reduce_sum([0.0 if ok else 1.0], self.engine_device())[0] == 0.0
@@ -134,49 +134,88 @@ class Trainer:
 
     # -- one optimizer step -----------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
+        """One optimizer step over a global batch; every rank returns the same metrics."""
         cfg = self.cfg
         batch_tokens = self.batch(self.state.tokens)
         gas = self.engine.set_global_batch_tokens(batch_tokens)
         lr = self.lr(self.state.tokens + batch_tokens)
         self.engine.set_lr(lr)
         rank_batch = self.loader.next_batch(batch_tokens // self.seq_len)
+        poison = self.drills.poison_loss(self.state.step + 1)
+        skipped_before = self.engine.skipped_steps
         losses = [
-            self.engine.forward_backward(mb)
+            self.engine.forward_backward(mb, poison=poison)
             for mb in split_micro_batches(rank_batch, cfg.train.micro_batch_size)
         ]
         assert len(losses) == gas, (len(losses), gas)
         grad_norm = self.engine.last_grad_norm()
+        skipped = self.engine.skipped_steps > skipped_before
+        if not skipped and not math.isfinite(grad_norm):
+            raise RuntimeError(
+                f"step {self.state.step + 1}: gradient norm {grad_norm} and DeepSpeed applied the step anyway;"
+                " this DeepSpeed version does not skip non-finite BF16 steps under ZeRO-3, upgrade it"
+            )
         local = torch.stack(losses).float().mean().item()
-        loss = eng.all_reduce_sum([local], self.engine_device())[0] / self.env.world_size
+        # One collective carries the loss and the stop votes, so every rank stops after the same step.
+        loss_sum, stop_votes = eng.all_reduce_sum([local, float(self.stop.requested)], self.engine_device())
+        self.preempted = self.preempted or stop_votes > 0
         self.state.step += 1
         self.state.tokens += batch_tokens
         self.state.batch_tokens = batch_tokens
         self.throughput.add(batch_tokens)
+        if skipped:
+            self.state.skipped_steps += 1
+            self.bad_in_a_row += 1
+            log.warning(
+                "step %d skipped: non-finite loss or gradient (%d in a row, %d in total)",
+                self.state.step,
+                self.bad_in_a_row,
+                self.state.skipped_steps,
+            )
+            if self.bad_in_a_row >= cfg.train.max_bad_steps:
+                raise RuntimeError(
+                    f"{self.bad_in_a_row} consecutive steps with a non-finite loss or gradient (step"
+                    f" {self.state.step}, train.max_bad_steps={cfg.train.max_bad_steps}); the run is diverging:"
+                    " lower optim.lr, check the data, or resume from an earlier checkpoint"
+                )
+        else:
+            self.bad_in_a_row = 0
         return {
-            "train/loss": loss,
+            "train/loss": loss_sum / self.env.world_size,
             "train/lr": lr,
             "train/grad_norm": grad_norm,
             "train/batch_tokens": float(batch_tokens),
             "train/grad_accum": float(gas),
             "train/tokens": float(self.state.tokens),
+            "train/skipped_steps": float(self.state.skipped_steps),
         }
 
     # -- validation -----------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """Mean token loss and perplexity on the same held-out sequences every time."""
-        batch_seqs = max(self.env.world_size, self.cfg.train.micro_batch_size * self.env.world_size)
-        batches = min(self.cfg.train.eval_batches, max(1, len(self.val_data) // batch_seqs))
-        loader = GlobalBatchLoader(self.val_data, rank=self.env.rank, world_size=self.env.world_size)
-        total = count = 0.0
-        for _ in range(batches):
-            rank_batch = loader.next_batch(batch_seqs)
-            for mb in split_micro_batches(rank_batch, self.cfg.train.micro_batch_size):
-                loss_sum, n = self.engine.eval_loss(mb)
+        """Held-out loss and perplexity per source and overall (token-weighted), on the same sequences each time.
+
+        Each source is scored on the first `train.eval_batches` global batches of its own validation split, so a
+        small source is measured too instead of being crowded out by a large one.
+        """
+        metrics: dict[str, float] = {}
+        grand_total = grand_count = 0.0
+        for name, dataset in self.val_sources.items():
+            per_rank = min(self.cfg.train.micro_batch_size, len(dataset) // self.env.world_size)
+            if per_rank == 0:
+                continue
+            batch_seqs = per_rank * self.env.world_size
+            loader = GlobalBatchLoader(dataset, rank=self.env.rank, world_size=self.env.world_size)
+            total = count = 0.0
+            for _ in range(min(self.cfg.train.eval_batches, len(dataset) // batch_seqs)):
+                loss_sum, n = self.engine.eval_loss(loader.next_batch(batch_seqs))
                 total += loss_sum
                 count += n
-        total, count = eng.all_reduce_sum([total, count], self.engine_device())
-        loss = total / max(count, 1.0)
-        return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
+            total, count = eng.all_reduce_sum([total, count], self.engine_device())
+            metrics.update(_loss_metrics(f"val/{name}", total, count))
+            grand_total += total
+            grand_count += count
+        metrics.update(_loss_metrics("val", grand_total, grand_count))
+        return metrics
 
     # -- the loop ---------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -217,8 +256,14 @@ class Trainer:
             if done or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
                 self.save()
             last = metrics
-            if os.environ.get(FAULT_KILL_ENV) == str(step) and self.env.is_main:
-                os.kill(os.getpid(), signal.SIGKILL)  # fault drill: die like a preempted or crashed node
+            self.drills.after_step(step)
+            if self.preempted and not done:
+                log.warning(
+                    "%s received: checkpointing at step %d and exiting", self.stop.name or "stop signal", step
+                )
+                if self.saved_step != step:
+                    self.save()
+                break
             if cfg.stop_after_steps and steps_here >= cfg.stop_after_steps and not done:
                 log.info("stopping after %d steps in this process (train.stop_after_steps)", steps_here)
                 if self.saved_step != step:
@@ -257,24 +302,25 @@ class Trainer:
                 log.info("step %d | %s", step, " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def sample(self, prompt: str, max_new_tokens: int) -> str:
-        """A short top-k sample from the trained model; every rank runs it (ZeRO-3 gathers weights)."""
-        ids = [self.tok_info.bos_id, *self.tokenizer.encode(prompt, add_special_tokens=False).ids]
-        generator = torch.Generator().manual_seed(self.cfg.train.seed)
-        tokens = torch.tensor([ids], dtype=torch.long)
-        for _ in range(max_new_tokens):
-            window = tokens[:, -self.seq_len :]
-            logits = self.engine.logits(window)[0, -1].cpu()
-            top = torch.topk(logits, k=min(20, logits.numel()))
-            probs = torch.softmax(top.values / 0.8, dim=-1)
-            nxt = top.indices[torch.multinomial(probs, 1, generator=generator)]
-            tokens = torch.cat([tokens, nxt.view(1, 1)], dim=1)
-            if int(nxt) == self.tok_info.eos_id:
-                break
-        return self.tokenizer.decode(tokens[0, 1:].tolist())
+        """A short top-k sample from the trained model; every rank runs it (ZeRO-3 gathers the weights)."""
+        from pretrain.generate import SamplingConfig, continuation, encode_prompt, generate
+
+        ids = encode_prompt(self.tokenizer, self.tok_info, prompt)
+        sampling = SamplingConfig(
+            max_new_tokens=max_new_tokens, temperature=0.8, top_k=20, seed=self.cfg.train.seed
+        )
+        new = generate(self.engine.model, ids, sampling, eos_id=self.tok_info.eos_id)
+        self.engine.model.train()
+        return continuation(self.tokenizer, ids, new)
 
     def close(self) -> None:
         if self.tracker is not None:
             self.tracker.finish()
+
+
+def _loss_metrics(prefix: str, total: float, count: float) -> dict[str, float]:
+    loss = total / max(count, 1.0)
+    return {f"{prefix}/loss": loss, f"{prefix}/perplexity": math.exp(min(loss, 50.0))}
 
 
 def _check_vocab(cfg: PretrainConfig, info: TokenizerInfo) -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from pretrain.app import compose_pretrain_config
+from pretrain.faults import KILL_AT_STEP
 from pretrain.schedule import LRSchedule
-from pretrain.trainer import FAULT_KILL_ENV
 from tests.helpers import ROOT, read_metrics, run_pretrain, step_losses
 
 pytestmark = pytest.mark.slow
@@ -96,7 +96,7 @@ def test_kill_and_resume_gives_bitwise_identical_losses(straight_run, debug_arti
         sys.executable, "-m", "pretrain", "+experiment=debug",
         f"paths.artifacts={debug_artifacts}", f"paths.runs={runs}",
     ]  # fmt: skip
-    env = dict(os.environ, **{FAULT_KILL_ENV: "23"})
+    env = dict(os.environ, **{KILL_AT_STEP: "23"})
     killed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode != 0
     assert max(step_losses(runs / "debug")) == 23
