@@ -1,0 +1,217 @@
+"""Export to a Hugging Face Llama directory, checked numerically against transformers' own LlamaForCausalLM.
+
+One real debug run (2 CPU ranks, ZeRO-3) is trained per module and exported; tiny models built directly cover the
+config paths the debug run does not use (tied embeddings, rope scaling, base scaling, one key/value head).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from pretrain.app import compose_pretrain_config
+from pretrain.checkpoint import MARKER
+from pretrain.export import (
+    ExportError,
+    check_state_dict,
+    find_checkpoint,
+    load_model,
+    main,
+    run_config,
+    write_hf_model,
+)
+from pretrain.model import ModelConfig, Transformer
+from tests.helpers import run_pretrain
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def debug_run(debug_artifacts, tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    run_pretrain(debug_artifacts, runs)
+    return runs / "debug"
+
+
+@pytest.fixture(scope="module")
+def exported(debug_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "hf"
+    main([str(debug_run), "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(debug_artifacts) -> str:
+    return compose_pretrain_config(["+experiment=debug", f"paths.artifacts={debug_artifacts}"]).tokenizer.dir
+
+
+def safetensors_dtypes(path: Path) -> dict[str, torch.dtype]:
+    with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
+        return {name: handle.get_tensor(name).dtype for name in handle.keys()}  # noqa: SIM118
+
+
+def hf_logits(directory: Path, input_ids: torch.Tensor) -> torch.Tensor:
+    model = transformers.LlamaForCausalLM.from_pretrained(str(directory)).to(torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+def test_export_writes_a_complete_llama_directory(exported, debug_run):
+    names = {p.name for p in exported.iterdir()}
+    assert names == {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
+    assert not [p for p in exported.parent.iterdir() if p.name.startswith(".")], "temporary dirs left behind"
+    config = json.loads((exported / "config.json").read_text())
+    cfg = run_config(find_checkpoint(debug_run)).model
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+    assert (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]) == (
+        cfg.dim,
+        cfg.n_layers,
+        cfg.ffn_dim,
+    )
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
+    assert config["rope_scaling"] is None and config["torch_dtype"] == "float32"
+    dtypes = safetensors_dtypes(exported)
+    assert "lm_head.weight" in dtypes and "model.layers.1.self_attn.k_proj.weight" in dtypes
+    assert all(name == "lm_head.weight" or name.startswith("model.") for name in dtypes)
+    assert set(dtypes.values()) == {torch.float32}
+
+
+def test_transformers_logits_equal_ours_on_the_trained_weights(exported, debug_run):
+    checkpoint = find_checkpoint(debug_run)
+    ours = load_model(checkpoint, run_config(checkpoint))
+    input_ids = torch.randint(
+        0, ours.cfg.vocab_size, (2, ours.cfg.max_seq_len), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        expected = ours(input_ids)
+    got = hf_logits(exported, input_ids)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert expected.std() > 0.1  # trained weights, not a degenerate all-equal output
+
+
+def test_auto_tokenizer_encodes_like_ours(exported, debug_run):
+    from data.tokenizer import load_tokenizer
+
+    ours, info = load_tokenizer(run_config(find_checkpoint(debug_run)).tokenizer.dir)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(exported))
+    for text in ("def area(r):\n    return 3.14 * r ** 2\n", "Unicode: naïve café — ok", "  leading spaces"):
+        assert theirs(text)["input_ids"] == ours.encode(text).ids
+        assert theirs.decode(theirs(text)["input_ids"]) == ours.decode(ours.encode(text).ids)
+    assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (
+        info.bos_id,
+        info.eos_id,
+        info.pad_id,
+    )
+    config = json.loads((exported / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
+        info.bos_id,
+        info.eos_id,
+        info.pad_id,
+    )
+
+
+def test_bfloat16_export_loads_in_transformers(debug_run, tmp_path):
+    out = tmp_path / "bf16"
+    main([str(debug_run), "--out", str(out), "--dtype", "bfloat16"])
+    assert set(safetensors_dtypes(out).values()) == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    model = transformers.LlamaForCausalLM.from_pretrained(str(out))
+    assert model.config.num_key_value_heads == 2
+
+
+def test_default_destination_is_inside_the_run(debug_run, capsys):
+    main([str(debug_run)])
+    written = Path(capsys.readouterr().out.strip())
+    tag = find_checkpoint(debug_run).tag
+    assert written == debug_run / "hf" / tag and (written / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param(
+            dict(n_kv_heads=1, tie_embeddings=True, rope_scaling=2.0, max_seq_len=48), id="gqa1-tied-interp"
+        ),
+        pytest.param(dict(n_kv_heads=None, rope_base_scaling=4.0, rope_base=500.0), id="mha-untied-base"),
+    ],
+)
+def test_config_paths_of_tiny_models_match_transformers(overrides, tokenizer_dir, tmp_path):
+    cfg = replace(
+        ModelConfig(name="t", vocab_size=512, dim=32, n_layers=2, n_heads=4, ffn_dim=48, max_seq_len=32),
+        **overrides,
+    )
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # norm weights of ones would hide a norm mapped to the wrong place
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    out = write_hf_model(tmp_path / "hf", model.state_dict(), cfg, tokenizer_dir)
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_key_value_heads"] == cfg.kv_heads
+    assert config["tie_word_embeddings"] is cfg.tie_embeddings
+    assert config["rope_theta"] == cfg.rope_base * cfg.rope_base_scaling
+    expected_scaling = (
+        {"rope_type": "linear", "factor": cfg.rope_scaling} if cfg.rope_scaling != 1.0 else None
+    )
+    assert config["rope_scaling"] == expected_scaling
+    assert ("lm_head.weight" in safetensors_dtypes(out)) is not cfg.tie_embeddings
+
+    input_ids = torch.randint(
+        0, cfg.vocab_size, (2, cfg.max_seq_len), generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        expected = model(input_ids)
+    assert (hf_logits(out, input_ids) - expected).abs().max().item() <= 1e-4
+
+
+def test_uncommitted_checkpoint_is_refused_with_a_clear_error(tmp_path, capsys):
+    partial = tmp_path / "runs" / "r" / "checkpoints" / "step_00000010"
+    partial.mkdir(parents=True)
+    (partial / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"half")
+    with pytest.raises(ExportError, match=f"not committed .*no {MARKER}"):
+        find_checkpoint(partial)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(partial)])
+    assert exit_info.value.code == 2
+    assert "is not committed" in capsys.readouterr().err
+    with pytest.raises(ExportError, match="no committed checkpoint"):
+        find_checkpoint(tmp_path / "runs" / "r")
+
+
+def test_weights_that_do_not_fit_the_config_are_refused():
+    cfg = ModelConfig(name="t", vocab_size=64, dim=16, n_layers=1, n_heads=2, ffn_dim=24, max_seq_len=8)
+    state = Transformer(cfg).state_dict()
+    check_state_dict(state, cfg)
+    state["layers.0.mlp.up_proj.weight"] = torch.zeros(25, 16)
+    with pytest.raises(ExportError, match="wrong shapes"):
+        check_state_dict(state, cfg)
+
+
+def test_a_failed_export_leaves_the_previous_one_intact(tokenizer_dir, tmp_path, monkeypatch):
+    from pretrain import export as export_module
+
+    cfg = ModelConfig(name="t", vocab_size=512, dim=16, n_layers=1, n_heads=2, ffn_dim=24, max_seq_len=8)
+    out = write_hf_model(tmp_path / "hf", Transformer(cfg).state_dict(), cfg, tokenizer_dir)
+    before = (out / "model.safetensors").read_bytes()
+    monkeypatch.setattr(export_module, "TOKENIZER_FILES", ("tokenizer.json", "missing.json"))
+    with pytest.raises(ExportError, match=r"missing\.json"):
+        write_hf_model(out, Transformer(cfg).state_dict(), cfg, tokenizer_dir)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
