@@ -8,6 +8,9 @@ Packed batches carry `document_ids` and `position_ids`; attention then never cro
 uses FlexAttention with a document-causal block mask (memory linear in the sequence length); elsewhere a boolean
 [B, 1, T, T] mask goes to scaled_dot_product_attention.
 
+For generation, a `KVCache` keeps past keys and values so each new token costs one position, not the whole
+prefix; without a cache (training) nothing changes.
+
 Nothing here knows about DeepSpeed: the engine wraps the model, and activation checkpointing is injected from
 outside through `Transformer.set_activation_checkpointing`. Every module initializes its own weights inside its
 `__init__`, so building the model under `deepspeed.zero.Init` (which partitions each module's parameters as soon
@@ -201,11 +204,42 @@ def document_mask(cfg: ModelConfig, document_ids: torch.Tensor | None) -> Any:
     return (causal & same_document)[:, None]
 
 
+class KVCache:
+    """Keys and values of the first `length` positions of every layer, for incremental decoding (no grad).
+
+    Preallocated for `capacity` positions so decoding appends in place; rows of the batch advance together.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch: int,
+        capacity: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.capacity = capacity or cfg.max_seq_len
+        shape = (cfg.n_layers, batch, cfg.kv_heads, self.capacity, cfg.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, kv_heads, T, head_dim] after the cached positions; return every key and value so far."""
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {end} positions exceed its capacity of {self.capacity}")
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE; n_heads query heads share n_kv_heads key/value heads."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_index: int = 0) -> None:
         super().__init__()
+        self.layer_index = layer_index  # its slot in a KVCache
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
@@ -213,12 +247,16 @@ class Attention(nn.Module):
         self.v_proj = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, out_std)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any, cache: KVCache | None = None
+    ) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(self.layer_index, k, v)
         gqa = self.n_kv_heads != self.n_heads
         if BlockMask is not None and isinstance(mask, BlockMask):
             out = _on_cuda(flex_attention, q.device)(q, k, v, block_mask=mask, enable_gqa=gqa)
@@ -245,15 +283,17 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """One pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_index: int = 0) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer_index)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -265,7 +305,7 @@ class Transformer(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.dim, cfg.init_std)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, index) for index in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = Linear(cfg.dim, cfg.vocab_size, cfg.init_std)
         if cfg.tie_embeddings:
@@ -289,31 +329,45 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V], or with `labels` (IGNORE_INDEX skipped) the mean next-token cross-entropy.
 
-        `labels` are already shifted: labels[:, t] is the target for the prediction at position t.
+        `labels` are already shifted: labels[:, t] is the target for the prediction at position t. With a
+        `cache`, `input_ids` continue the cached sequence: positions start at `cache.length`, attention sees
+        the cached keys too, and the cache grows by T.
         """
         cfg = self.cfg
         batch, length = input_ids.shape
         if length > cfg.max_seq_len:
             raise ValueError(f"sequence length {length} exceeds model.max_seq_len={cfg.max_seq_len}")
+        past = 0 if cache is None else cache.length
+        if cache is not None and document_ids is not None:
+            raise ValueError("document_ids (packed batches) cannot be combined with a KV cache")
         if position_ids is None:
             if document_ids is None:
-                position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+                positions = torch.arange(past, past + length, device=input_ids.device)
+                position_ids = positions.expand(batch, length)
             else:
                 position_ids = positions_from_documents(document_ids)
         cos, sin = rope_tables(
             position_ids, cfg.head_dim, cfg.rope_base * cfg.rope_base_scaling, cfg.rope_scaling
         )
-        mask = document_mask(cfg, document_ids)
+        if cache is None:
+            mask = document_mask(cfg, document_ids)
+        else:  # query t (position past + t) sees every key up to and including its own position
+            mask = torch.ones(length, past + length, dtype=torch.bool, device=input_ids.device).tril(past)
 
         x = self.embed_tokens(input_ids)
         for index, layer in enumerate(self.layers):
-            if self.checkpoint_fn is not None and index % self.checkpoint_every == 0:
+            if cache is not None:
+                x = layer(x, cos, sin, mask, cache)
+            elif self.checkpoint_fn is not None and index % self.checkpoint_every == 0:
                 x = self.checkpoint_fn(layer, x, cos, sin, mask)
             else:
                 x = layer(x, cos, sin, mask)
+        if cache is not None:
+            cache.length += length
         x = self.norm(x)
         if labels is None:
             return self.lm_head(x)

@@ -1,0 +1,235 @@
+"""Sample text from a trained checkpoint: `python -m pretrain.generate <run dir or checkpoint> prompt="..."`.
+
+Options (as `key=value`, or `--key value`): prompt (repeat it for several prompts), max_new_tokens,
+temperature (0 = greedy), top_k (0 = off), top_p (1 = off), seed, device, dtype. The prompt is run through the
+model once (prefill) and every new token then costs one position thanks to the KV cache.
+
+Prompts are encoded as training saw documents: no BOS (the data pipeline never writes one) and positions from
+0; an empty prompt starts from EOS, the token that ends the previous document in training. Generation stops at
+EOS, after max_new_tokens, or when the model's context (model.max_seq_len) is full.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from data.config import ConfigError
+from data.log import get_logger, setup_logging
+from data.tokenizer import TokenizerError, load_tokenizer
+from pretrain.export import ExportError, find_checkpoint, load_model, run_config
+from pretrain.model import KVCache, Transformer
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from data.tokenizer import TokenizerInfo
+    from pretrain.config import PretrainConfig
+
+log = get_logger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class SamplingConfig:
+    """How the next token is chosen; the defaults sample from the model's distribution unchanged."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+
+# -- sampling ---------------------------------------------------------------------------------------------
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Logits with everything below the k-th largest of each row set to -inf (k = 0 keeps all)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose probability sums to at least p.
+
+    A token is dropped when the tokens ranked above it already reach p; the most likely token always stays.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def filter_logits(
+    logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (the order Hugging Face uses), in fp32; temperature must be > 0."""
+    logits = logits.float() / temperature
+    return top_p_filter(top_k_filter(logits, top_k), top_p)
+
+
+def sample_next(
+    logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One token id per row of `logits` [B, V]: argmax at temperature 0, else a draw from the filtered softmax."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    filtered = filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+    probs = torch.softmax(filtered, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompt_ids: Sequence[int],
+    sampling: SamplingConfig,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> list[int]:
+    """The tokens that follow `prompt_ids` (EOS included when the model emits it).
+
+    With `use_cache` the prompt is prefilled once and each step feeds only the newest token; without it every
+    step recomputes the whole sequence (the reference the cache is tested against). Stops at EOS, after
+    `sampling.max_new_tokens`, or when the sequence reaches model.max_seq_len.
+    """
+    sampling.validate()
+    if not prompt_ids:
+        raise ValueError("prompt_ids is empty: start from at least one token (e.g. EOS)")
+    max_len = model.cfg.max_seq_len
+    if len(prompt_ids) >= max_len:
+        raise ValueError(
+            f"the prompt has {len(prompt_ids)} tokens; model.max_seq_len={max_len} leaves no room"
+        )
+    param = next(model.parameters())
+    tokens = torch.tensor([list(prompt_ids)], dtype=torch.long, device=param.device)
+    if generator is None:
+        generator = torch.Generator(device=param.device).manual_seed(sampling.seed)
+    cache = KVCache(model.cfg, batch=1, device=param.device, dtype=param.dtype) if use_cache else None
+    model.eval()
+    new: list[int] = []
+    step_input = tokens
+    budget = min(sampling.max_new_tokens, max_len - len(prompt_ids))
+    for _ in range(budget):
+        logits = model(step_input if use_cache else tokens, cache=cache)[:, -1]
+        next_id = sample_next(logits, sampling, generator)
+        new.append(int(next_id))
+        if eos_id is not None and new[-1] == eos_id:
+            break
+        step_input = next_id.view(1, 1)
+        tokens = torch.cat([tokens, step_input], dim=1)
+    return new
+
+
+# -- loading a trained model ------------------------------------------------------------------------------
+
+
+def load_trained(
+    path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[Transformer, PretrainConfig, Tokenizer, TokenizerInfo]:
+    """The trained model (eval mode), its run config, and its tokenizer (tokenizers.Tokenizer, TokenizerInfo).
+
+    `path` is a run directory (its newest committed checkpoint) or one committed checkpoint directory; the
+    ZeRO-3 shards are consolidated by `pretrain.export`.
+    """
+    checkpoint = find_checkpoint(path)
+    cfg = run_config(checkpoint)
+    tokenizer, info = load_tokenizer(cfg.tokenizer.dir)
+    model = load_model(checkpoint, cfg, device).to(dtype=dtype)
+    log.info("loaded %s (step %d)", checkpoint.path, checkpoint.step)
+    return model, cfg, tokenizer, info
+
+
+# -- command line -----------------------------------------------------------------------------------------
+
+OPTIONS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "device", "dtype")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The checkpoint path plus options written `key=value` (as the issue spells it) or `--key value`."""
+    parser = argparse.ArgumentParser(prog="python -m pretrain.generate", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "checkpoint", help="a run directory (newest committed checkpoint) or a checkpoint dir"
+    )
+    parser.add_argument("--prompt", action="append", help="text to continue; repeat for several prompts")
+    parser.add_argument("--max_new_tokens", type=int, default=SamplingConfig.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=SamplingConfig.temperature, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=SamplingConfig.top_k, help="0 = off")
+    parser.add_argument("--top_p", type=float, default=SamplingConfig.top_p, help="1 = off")
+    parser.add_argument("--seed", type=int, default=SamplingConfig.seed)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    normalized = [f"--{arg}" if "=" in arg and arg.split("=", 1)[0] in OPTIONS else arg for arg in argv]
+    return parser.parse_args(normalized)
+
+
+def encode_prompt(tokenizer: Tokenizer, info: TokenizerInfo, prompt: str) -> list[int]:
+    """Prompt ids as a training document starts (no BOS); EOS alone for an empty prompt."""
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    return ids or [info.eos_id]
+
+
+def continuation(tokenizer: Tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text the new tokens add, decoded together with the prompt so merged bytes and spaces come out right."""
+    before = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    after = tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
+    if after.startswith(before):
+        return after[len(before) :]
+    return tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    setup_logging("INFO")
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    try:
+        sampling.validate()
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints on import; stdout is for the text
+            model, cfg, tokenizer, info = load_trained(args.checkpoint, args.device, DTYPES[args.dtype])
+    except (ValueError, OSError, ConfigError, ExportError, TokenizerError) as error:
+        raise SystemExit(f"error: {error}") from error
+    generator = torch.Generator(device=args.device).manual_seed(sampling.seed)
+    max_len = cfg.model.max_seq_len
+    for prompt in args.prompt or [""]:
+        prompt_ids = encode_prompt(tokenizer, info, prompt)
+        if len(prompt_ids) >= max_len:
+            log.warning(
+                "prompt has %d tokens; keeping the last %d (model.max_seq_len)", len(prompt_ids), max_len - 1
+            )
+            prompt_ids = prompt_ids[-(max_len - 1) :]
+        if len(prompt_ids) + sampling.max_new_tokens > max_len:
+            log.warning("stopping at model.max_seq_len=%d tokens (prompt %d)", max_len, len(prompt_ids))
+        new_ids = generate(model, prompt_ids, sampling, info.eos_id, generator)
+        sys.stdout.write(prompt + continuation(tokenizer, prompt_ids, new_ids) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
