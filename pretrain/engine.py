@@ -131,7 +131,9 @@ def parameter_groups(
     """AdamW groups: matrices decay; norms and embeddings only if configured (biases do not exist here)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
-        exempt = param.ndim < 2 or "embed" in name or "norm" in name
+        # Under zero.Init a parameter is a 1-D placeholder; its real shape is `ds_shape`.
+        ndim = len(getattr(param, "ds_shape", param.shape))
+        exempt = ndim < 2 or "embed" in name or "norm" in name
         (no_decay if exempt and not decay_norms_and_embeddings else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
@@ -175,6 +177,7 @@ class TrainingEngine:
         if cfg.deepspeed.activation_checkpointing:
             model.set_activation_checkpointing(_checkpoint_fn(), cfg.deepspeed.checkpoint_every_n_layers)
         groups = parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_norms_and_embeddings)
+        self.decay_parameter_names = _names_in(model, groups[0]["params"])
         optimizer = _optimizer(cfg, groups)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
@@ -273,6 +276,11 @@ class TrainingEngine:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {directory}/{tag}")
         return client_state or {}
+
+
+def _names_in(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[str]:
+    ids = {id(p) for p in params}
+    return [name for name, param in model.named_parameters() if id(param) in ids]
 
 
 def _checkpoint_fn():

@@ -91,7 +91,12 @@ class Trainer:
         )
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            summary = {"parameters": total, "parameters_per_rank": per_rank, "world_size": env.world_size}
+            summary = {
+                "parameters": total,
+                "parameters_per_rank": per_rank,
+                "world_size": env.world_size,
+                "weight_decay_parameters": self.engine.decay_parameter_names,
+            }
             (self.run_dir / "model_summary.json").write_text(json.dumps(summary, indent=1))
             # The composed config, so export, evaluation and sampling rebuild the run from its directory alone.
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

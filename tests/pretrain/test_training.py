@@ -51,6 +51,13 @@ def test_zero3_shards_parameters_across_both_ranks(straight_run):
         assert 0.45 * total <= local <= 0.55 * total, (per_rank, total)
 
 
+def test_weight_decay_applies_to_matrices_only(straight_run):
+    """Norms and embeddings are exempt by default; every projection matrix decays (real shapes under ZeRO-3)."""
+    decayed = set(json.loads((straight_run[0] / "model_summary.json").read_text())["weight_decay_parameters"])
+    assert decayed and all("norm" not in n and "embed" not in n for n in decayed)
+    assert {"lm_head.weight", "layers.0.mlp.gate_proj.weight", "layers.1.attn.o_proj.weight"} <= decayed
+
+
 def test_lr_curve_equals_the_formula_and_batch_growth_changes_accumulation(straight_run):
     run_dir, _ = straight_run
     cfg = compose_pretrain_config(["+experiment=debug"])
