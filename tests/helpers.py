@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+WANDB_SECRET = "sk-test-never-logged-0123456789"
 
 
 def run_pretrain(

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 from pretrain.app import load_run_config
 from pretrain.evaluate import evaluate, main
-from tests.helpers import read_metrics, run_pretrain
+from tests.helpers import read_metrics
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def debug_run(debug_artifacts, tmp_path_factory) -> Path:
-    runs = tmp_path_factory.mktemp("runs")
-    run_pretrain(debug_artifacts, runs)
-    return runs / "debug"
 
 
 @pytest.fixture(scope="module")

@@ -26,18 +26,10 @@ from pretrain.export import (
     write_hf_model,
 )
 from pretrain.model import ModelConfig, Transformer
-from tests.helpers import run_pretrain
 
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def debug_run(debug_artifacts, tmp_path_factory) -> Path:
-    runs = tmp_path_factory.mktemp("runs")
-    run_pretrain(debug_artifacts, runs)
-    return runs / "debug"
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from pretrain.generate import (
     top_p_filter,
 )
 from pretrain.model import KVCache, ModelConfig, Transformer
-from tests.helpers import ROOT, run_pretrain
+from tests.helpers import ROOT
 
 TINY = ModelConfig(
     name="test",
@@ -219,13 +219,6 @@ def test_parse_args_accepts_key_value_and_flags():
     assert args.prompt == ["Once upon a=time", "Hi"]
     assert (args.max_new_tokens, args.top_p, args.temperature) == (5, 0.5, 1.0)
     assert math.isclose(parse_args(["r", "--temperature=0"]).temperature, 0.0)
-
-
-@pytest.fixture(scope="module")
-def debug_run(debug_artifacts, tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    run_pretrain(debug_artifacts, runs, "train.sample_tokens=0")
-    return runs / "debug"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -19,17 +19,14 @@ import pytest
 from pretrain.app import compose_pretrain_config
 from pretrain.faults import KILL_AT_STEP
 from pretrain.schedule import LRSchedule
-from tests.helpers import ROOT, read_metrics, run_pretrain, step_losses
+from tests.helpers import ROOT, WANDB_SECRET, read_metrics, run_pretrain, step_losses
 
 pytestmark = pytest.mark.slow
-SECRET = "sk-test-never-logged-0123456789"
 
 
 @pytest.fixture(scope="module")
-def straight_run(debug_artifacts, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    runs = tmp_path_factory.mktemp("runs")
-    result = run_pretrain(debug_artifacts, runs, env={"WANDB_API_KEY": SECRET})
-    return runs / "debug", result
+def straight_run(debug_run_output) -> tuple[Path, subprocess.CompletedProcess]:
+    return debug_run_output
 
 
 def test_loss_falls_on_the_embedded_corpus(straight_run):
@@ -84,8 +81,8 @@ def test_wandb_offline_files_hold_the_metrics_and_no_secret(straight_run):
         assert key in data
     for path in run_dir.rglob("*"):
         if path.is_file():
-            assert SECRET.encode() not in path.read_bytes(), path
-    assert SECRET not in result.stdout + result.stderr
+            assert WANDB_SECRET.encode() not in path.read_bytes(), path
+    assert WANDB_SECRET not in result.stdout + result.stderr
 
 
 def test_finished_run_exits_zero_without_training(straight_run, debug_artifacts):
