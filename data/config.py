@@ -81,7 +81,9 @@ class PackingConfig:
 
     def validate(self, key: str) -> None:
         _check(self.seq_len >= 8, f"{key}.seq_len", f"must be at least 8, got {self.seq_len}")
-        _check(self.mode in PACKING_MODES, f"{key}.mode", f"must be one of {PACKING_MODES}, got {self.mode!r}")
+        _check(
+            self.mode in PACKING_MODES, f"{key}.mode", f"must be one of {PACKING_MODES}, got {self.mode!r}"
+        )
         _check(self.long_threshold >= 0, f"{key}.long_threshold", "must be >= 0 (0 disables the long pool)")
         _check(0.0 <= self.long_share < 1.0, f"{key}.long_share", f"must be in [0, 1), got {self.long_share}")
         _check(
@@ -136,7 +138,7 @@ class DataConfig:
         self.packing.validate(f"{key}.packing")
 
     def workers(self) -> int:
-        return self.num_workers or (os.cpu_count() or 1)
+        return self.num_workers or len(os.sched_getaffinity(0))
 
 
 @dataclass
@@ -162,7 +164,11 @@ class TokenizerConfig:
 
     def validate(self, key: str = "tokenizer") -> None:
         _check(self.name not in ("", MISSING), f"{key}.name", "every tokenizer config needs a name")
-        _check(self.kind in TOKENIZER_KINDS, f"{key}.kind", f"must be one of {TOKENIZER_KINDS}, got {self.kind!r}")
+        _check(
+            self.kind in TOKENIZER_KINDS,
+            f"{key}.kind",
+            f"must be one of {TOKENIZER_KINDS}, got {self.kind!r}",
+        )
         _check(self.vocab_size >= 64, f"{key}.vocab_size", f"must be at least 64, got {self.vocab_size}")
         _check(self.min_frequency >= 1, f"{key}.min_frequency", "must be at least 1")
         _check(self.byte_budget > 0, f"{key}.byte_budget", "must be positive")
