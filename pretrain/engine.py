@@ -141,7 +141,8 @@ def parameter_groups(
     ]
 
 
-def _optimizer(cfg: PretrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: PretrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW for the engine: DeepSpeed's CPU Adam with optimizer offload, its fused Adam on GPU, else torch's."""
     opt = cfg.optim
     kwargs = {"lr": opt.lr, "betas": tuple(opt.betas), "eps": opt.eps}
     if cfg.deepspeed.offload_optimizer == "cpu":
@@ -178,7 +179,7 @@ class TrainingEngine:
             model.set_activation_checkpointing(_checkpoint_fn(), cfg.deepspeed.checkpoint_every_n_layers)
         groups = parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_norms_and_embeddings)
         self.decay_parameter_names = _names_in(model, groups[0]["params"])
-        optimizer = _optimizer(cfg, groups)
+        optimizer = build_optimizer(cfg, groups)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
