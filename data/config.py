@@ -177,17 +177,48 @@ class TokenizerConfig:
 
 
 @dataclass
+class PrepareConfig:
+    """How `python -m data.prepare` splits its work: task `task_index` of `num_tasks` builds every shard k with
+    k % num_tasks == task_index, and a final `merge` checks them all and writes the manifests (slurm/prepare.sh
+    runs the tasks as a job array). The default, one task and no merge, is the whole prepare in one process."""
+
+    task_index: int = 0
+    num_tasks: int = 1
+    merge: bool = False
+
+    def validate(self, key: str = "prepare") -> None:
+        _check(self.num_tasks >= 1, f"{key}.num_tasks", f"must be at least 1, got {self.num_tasks}")
+        _check(
+            0 <= self.task_index < self.num_tasks,
+            f"{key}.task_index",
+            f"must be in [0, {key}.num_tasks={self.num_tasks}), got {self.task_index}",
+        )
+        _check(
+            not self.merge or self.task_index == 0,
+            f"{key}.task_index",
+            f"the merge ({key}.merge=true) runs once after every task; leave {key}.task_index unset",
+        )
+
+    @property
+    def is_slice(self) -> bool:
+        """A task of several that builds only its own shards and no manifest."""
+        return self.num_tasks > 1 and not self.merge
+
+
+@dataclass
 class DataPipelineConfig:
     """The primary config of `python -m data.tokenizer` and `python -m data.prepare`."""
 
     paths: PathsConfig = field(default_factory=PathsConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
     log_level: str = "INFO"
 
     def validate(self) -> None:
         self.tokenizer.validate("tokenizer")
         self.data.validate("data")
+        self.prepare.validate("prepare")
 
 
 def register_data_configs() -> None:

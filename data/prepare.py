@@ -2,68 +2,76 @@
 
 The main process reads and validates documents (`data.sources`), assigns each to "train" or "val" by a stable
 hash of (source, ordinal), and hands batches of texts to a pool of tokenizer processes, one per core, each
-running HF `tokenizers` single-threaded. A bounded number of batches is in flight, so reading overlaps with
-tokenizing and memory stays flat however large the corpus is; results come back in submission order and are
-streamed into shards (`data.shards.ShardWriter`). A process pool was measured against Rust threads
-(`encode_batch_fast` over all cores in one process) on 2 cores: the same speed within noise there, but the pool
-also spreads the id-list-to-numpy conversion over the cores, which a single process cannot.
+running HF `tokenizers` single-threaded (`data.tokenize_pool`). A bounded number of batches is in flight, so
+reading overlaps with tokenizing and memory stays flat however large the corpus is; results come back in
+submission order and are streamed into shards (`data.shard_builder`).
 
 Shard k of a split holds that split's documents [k * docs_per_shard, (k + 1) * docs_per_shard), so boundaries
 depend only on document order. A re-run reads the sources again but tokenizes nothing that a valid shard on
-disk, made with the same tokenizer, already holds: each shard stores a digest of every document's text, so an
-unchanged shard is kept as it is (same bytes, same mtime) and a changed one keeps the tokens of its unchanged
-leading documents. An interrupted run resumes, and an unchanged corpus costs one read. The manifest is written
-last, atomically; until it exists the source counts as not prepared.
+disk, made with the same tokenizer, already holds (each shard stores a digest of every document's text). An
+interrupted run resumes, and an unchanged corpus costs one read. The manifest is written last, atomically;
+until it exists the source counts as not prepared.
+
+On a cluster the same command runs as a job array (slurm/prepare.sh, `data.prepare_tasks`): with
+`prepare.task_index=i prepare.num_tasks=n` a task builds only the shards k with k % n == i and no manifest;
+then `prepare.merge=true prepare.num_tasks=n` checks every shard and writes the manifests, identical to those of
+a single-process run. Re-running a task or the merge redoes nothing that is already done.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import dataclasses
 import fcntl
 import hashlib
-import multiprocessing
-import os
+import re
 import time
-from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 from omegaconf import DictConfig
-from tokenizers import Tokenizer
 
 from data.cli import typed_data_config
-from data.config import DataPipelineConfig, SourceConfig
+from data.config import DataPipelineConfig, PrepareConfig, SourceConfig
 from data.log import get_logger, progress_enabled
-from data.shards import (
-    SPLITS,
-    Shard,
-    ShardError,
-    ShardWriter,
-    atomic_write_json,
-    manifest_path,
-    open_shard,
-    read_manifest,
-    shard_name,
-    shard_path,
-    token_dtype,
+from data.prepare_tasks import (
+    MANIFEST_FORMAT,
+    REJECTS_NAME,
+    is_task_file,
+    merged_manifest,
+    shard_owner,
+    source_config_key,
+    source_manifest,
+    task_lock_path,
+    task_record_path,
+    what_was_read,
+    write_task_record,
 )
+from data.shard_builder import SourceBuilder, text_digest
+from data.shards import SPLITS, ShardError, atomic_write_json, manifest_path, read_manifest
 from data.sources import RejectLog, iter_documents
+from data.tokenize_pool import Encoder, encode_documents
 from data.tokenizer import TokenizerInfo, load_tokenizer
+
+__all__ = [
+    "MANIFEST_FORMAT",
+    "Encoder",
+    "encode_documents",
+    "ensure_shards",
+    "main",
+    "merge_source",
+    "prepare",
+    "prepare_source",
+    "source_config_key",
+    "split_of",
+    "text_digest",
+    "why_prepare",
+]
 
 log = get_logger("data.prepare")  # not __name__: it is "__main__" under `python -m`
 
-MANIFEST_FORMAT = 1
-# Texts per tokenizer job: large enough to amortise inter-process transfer, small enough to keep all workers
-# busy and memory flat (256 KiB - 4 MiB measured alike on 2 cores).
-BATCH_CHARS = 1 << 20
-BATCH_DOCS = 2048
-JOBS_IN_FLIGHT_PER_WORKER = 2
+_SHARD_FILE = re.compile(r"(train|val)-(\d+)\.bin")
 
 
 def split_of(source: str, ordinal: int, val_fraction: float) -> str:
@@ -73,364 +81,203 @@ def split_of(source: str, ordinal: int, val_fraction: float) -> str:
     return "val" if int.from_bytes(digest, "little") < val_fraction * 2.0**64 else "train"
 
 
-# ----------------------------------------------------------------------------------------------- tokenizing
+# ----------------------------------------------------------------------------------------------- locks, leftovers
 
 
-def encode_documents(
-    tokenizer: Tokenizer, texts: list[str], eos_id: int, dtype: np.dtype
-) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of `texts` back to back, each followed by EOS, and the length of each (EOS included)."""
-    encode = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
-    ids = [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
-    tokens = np.empty(int(lengths.sum()), dtype=dtype)
-    end = 0
-    for doc_ids in ids:
-        start, end = end, end + len(doc_ids) + 1
-        tokens[start : end - 1] = doc_ids
-        tokens[end - 1] = eos_id
-    return tokens, lengths
+@contextmanager
+def _locked(directory: Path, task: PrepareConfig | None = None) -> Iterator[None]:
+    """A whole run (single-process prepare or merge) holds the source's `.lock` exclusively, so such runs take
+    turns, with each other and with job-array tasks. A task holds `.lock` shared, so the tasks of an array run
+    side by side, plus its own task lock exclusively, so a task started twice takes turns with itself."""
+    directory.mkdir(parents=True, exist_ok=True)
+    locks = [(directory / ".lock", fcntl.LOCK_EX if task is None else fcntl.LOCK_SH)]
+    if task is not None:
+        locks.append((task_lock_path(directory, task.task_index), fcntl.LOCK_EX))
+    with ExitStack() as stack:
+        for path, mode in locks:
+            lock = stack.enter_context(open(path, "a"))
+            with suppress(OSError):  # file systems without flock: run unlocked
+                fcntl.flock(lock, mode)
+        yield
 
 
-_worker: tuple[Tokenizer, int, np.dtype] | None = None
+def _temp_target(name: str) -> str | None:
+    """The file a temporary file was to become: `.<target>.<random>.tmp` (shards, json) or
+    `.<target>.tmp-<random>` (the rejects list); None for any other name."""
+    if not name.startswith("."):
+        return None
+    if ".tmp-" in name:
+        return name[1:].rsplit(".tmp-", 1)[0]
+    if ".tmp" in name:
+        return name[1:].split(".tmp", 1)[0].rsplit(".", 1)[0]
+    return None
 
 
-def _init_worker(tokenizer_json: str, eos_id: int, dtype: str) -> None:
-    # One thread per process: the pool is the parallelism, and Rust threads would oversubscribe the cores.
-    os.environ["RAYON_NUM_THREADS"] = "1"
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    global _worker
-    _worker = (Tokenizer.from_str(tokenizer_json), eos_id, np.dtype(dtype))
+def _remove_leftovers(directory: Path, keep: set[str]) -> None:
+    """For a whole run, under the exclusive lock: temporary files of interrupted runs, and shards, task records
+    and task locks that are not in `keep` (no task can be running, so none of this is in use)."""
+    for path in directory.iterdir():
+        name = path.name
+        stale = name not in keep and (_SHARD_FILE.fullmatch(name) is not None or is_task_file(name))
+        if _temp_target(name) is not None or stale:
+            path.unlink(missing_ok=True)
 
 
-def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    assert _worker is not None, "tokenizer worker was not initialised"
-    tokenizer, eos_id, dtype = _worker
-    return encode_documents(tokenizer, texts, eos_id, dtype)
+def _owned_by(task: PrepareConfig, name: str) -> bool:
+    """Whether task `task` writes the file `name` (one of its shards, its record, or the rejects list)."""
+    shard = _SHARD_FILE.fullmatch(name)
+    if shard is not None:
+        return shard_owner(int(shard.group(2)), task.num_tasks) == task.task_index
+    if name == REJECTS_NAME:
+        return task.task_index == 0
+    return name == task_record_path(Path(), task.task_index, task.num_tasks).name
 
 
-def _start_method() -> str:
-    """Fork where the platform has it: "spawn" re-imports the caller's main module in every worker, which
-    under `python -m pretrain` means importing torch (a second and 200+ MB) per core. With fork the pool starts
-    all workers at once on first use, before its own threads exist; each worker builds its own tokenizer and
-    runs it single-threaded (HF tokenizers also turns its Rust thread pool off in forked children)."""
-    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+def _shard_filter(task: PrepareConfig) -> Callable[[str, int], bool] | None:
+    """Which shards a run builds: a job-array task its own, a whole run (None) every one."""
+    if not task.is_slice:
+        return None
+    return lambda split, index: shard_owner(index, task.num_tasks) == task.task_index
 
 
-class Encoder:
-    """Tokenizes batches of texts asynchronously: a process pool of `workers`, or inline when workers == 1."""
-
-    def __init__(self, tokenizer: Tokenizer, info: TokenizerInfo, workers: int) -> None:
-        self.tokenizer = tokenizer
-        self.eos_id = info.eos_id
-        self.dtype = token_dtype(info.vocab_size)
-        self.workers = workers
-        self._pool: cf.ProcessPoolExecutor | None = None
-        if workers > 1:
-            self._pool = cf.ProcessPoolExecutor(
-                workers,
-                mp_context=multiprocessing.get_context(_start_method()),
-                initializer=_init_worker,
-                initargs=(tokenizer.to_str(), info.eos_id, self.dtype.str),
-            )
-
-    def submit(self, texts: list[str]) -> cf.Future:
-        if self._pool is not None and texts:
-            return self._pool.submit(_encode_in_worker, texts)
-        future: cf.Future = cf.Future()
-        future.set_result(encode_documents(self.tokenizer, texts, self.eos_id, self.dtype))
-        return future
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-
-
-# ----------------------------------------------------------------------------------------------- one shard
-
-
-@dataclass
-class _ShardPlan:
-    """One shard being assembled: matched against the valid shard on disk, or being tokenized."""
-
-    split: str
-    index: int
-    path: Path
-    existing: Shard | None = None  # while every document so far matches this shard's, nothing is tokenized
-    existing_digests: np.ndarray | None = None
-    writer: ShardWriter | None = None
-    n_docs: int = 0
-    batch: list[str] = field(default_factory=list)
-    batch_digests: list[int] = field(default_factory=list)
-    batch_chars: int = 0
-
-
-@dataclass
-class _Job:
-    texts: list[str]
-    digests: list[int]
-    plan: _ShardPlan
-    closes_shard: bool
-
-
-def text_digest(data: bytes) -> int:
-    """A 64-bit digest of a document's UTF-8 text, stored per document in its shard."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
-
-
-class _SourceBuilder:
-    """Routes one source's documents into shard plans and turns completed tokenizer jobs into shards.
-
-    A shard already on disk (valid, same tokenizer) is matched document by document against the new stream by
-    text digest; while all match, nothing is tokenized. At the first difference (or a different count), the
-    matching prefix's tokens are copied from the old file into a new one and tokenizing starts from there.
-    """
-
-    def __init__(self, cfg: DataPipelineConfig, source: SourceConfig, info: TokenizerInfo, encoder: Encoder):
-        self.cfg = cfg
-        self.source = source
-        self.info = info
-        self.encoder = encoder
-        self.out_dir = Path(cfg.data.shards_dir) / source.name
-        self.docs_per_shard = cfg.data.docs_per_shard
-        self.doc_counts = dict.fromkeys(SPLITS, 0)
-        self.plans: dict[str, _ShardPlan | None] = dict.fromkeys(SPLITS)
-        self.entries: dict[str, dict[int, dict[str, Any]]] = {s: {} for s in SPLITS}
-        self.pending: deque[tuple[cf.Future, _Job]] = deque()
-        self.max_pending = JOBS_IN_FLIGHT_PER_WORKER * encoder.workers + 1
-        self.tokenized_tokens = 0
-        self.reused_shards = 0
-        self.built_shards = 0
-        self.copied_docs = 0
-        self.docs_done = 0
-
-    def add(self, split: str, text: str, digest: int) -> None:
-        plan = self.plans[split]
-        if plan is None:
-            index = self.doc_counts[split] // self.docs_per_shard
-            plan = self.plans[split] = self._new_plan(split, index)
-        self.doc_counts[split] += 1
-        position = plan.n_docs
-        plan.n_docs += 1
-        if plan.existing is not None:
-            digests = plan.existing_digests
-            assert digests is not None
-            if position < len(digests) and digests[position] == digest != 0:
-                self.docs_done += 1
-            else:
-                self._diverge(plan, position)
-                self._add_to_batch(plan, text, digest)
-        else:
-            self._add_to_batch(plan, text, digest)
-        if plan.n_docs == self.docs_per_shard:
-            self._finish(plan)
-
-    def finish(self) -> None:
-        for plan in self.plans.values():
-            if plan is not None:
-                self._finish(plan)
-        while self.pending:
-            self._complete_oldest()
-
-    def _new_plan(self, split: str, index: int) -> _ShardPlan:
-        plan = _ShardPlan(split, index, shard_path(self.cfg.data.shards_dir, self.source.name, split, index))
-        if plan.path.exists():
-            try:
-                shard = open_shard(plan.path, expected_fingerprint=self.info.fingerprint)
-                if shard.vocab_size != self.info.vocab_size:
-                    raise ShardError(f"{plan.path}: vocab size {shard.vocab_size} != {self.info.vocab_size}")
-                plan.existing, plan.existing_digests = shard, shard.doc_digests()
-                return plan
-            except ShardError as error:
-                log.info("rebuilding %s", error)
-        plan.writer = self._writer(plan)
-        return plan
-
-    def _writer(self, plan: _ShardPlan) -> ShardWriter:
-        return ShardWriter(plan.path, vocab_size=self.info.vocab_size, fingerprint=self.info.fingerprint)
-
-    def _diverge(self, plan: _ShardPlan, n_same: int) -> None:
-        """The stream differs from the shard on disk after `n_same` documents: keep those, tokenize the rest."""
-        old, digests = plan.existing, plan.existing_digests
-        assert old is not None and digests is not None
-        plan.existing = plan.existing_digests = None
-        plan.writer = self._writer(plan)
-        if n_same:
-            end = int(old.doc_offsets[n_same])
-            plan.writer.add(old.tokens[:end], old.doc_lengths()[:n_same], digests[:n_same])
-            self.copied_docs += n_same
-        log.info("%s: the documents changed after %d of them; re-tokenizing from there", plan.path, n_same)
-
-    def _add_to_batch(self, plan: _ShardPlan, text: str, digest: int) -> None:
-        plan.batch.append(text)
-        plan.batch_digests.append(digest)
-        plan.batch_chars += len(text)
-        if plan.batch_chars >= BATCH_CHARS or len(plan.batch) >= BATCH_DOCS:
-            self._submit(plan, closes_shard=False)
-
-    def _submit(self, plan: _ShardPlan, *, closes_shard: bool) -> None:
-        job = _Job(plan.batch, plan.batch_digests, plan, closes_shard)
-        plan.batch, plan.batch_digests, plan.batch_chars = [], [], 0
-        self.pending.append((self.encoder.submit(job.texts), job))
-        while len(self.pending) > self.max_pending:
-            self._complete_oldest()
-
-    def _finish(self, plan: _ShardPlan) -> None:
-        """The shard has all its documents: keep the file on disk if it holds exactly them, else close."""
-        self.plans[plan.split] = None
-        if plan.existing is not None:
-            if plan.n_docs == plan.existing.n_docs:
-                self.entries[plan.split][plan.index] = {
-                    "file": plan.path.name,
-                    "docs": plan.existing.n_docs,
-                    "tokens": plan.existing.n_tokens,
-                    "checksum": plan.existing.checksum,
-                }
-                self.reused_shards += 1
-                return
-            self._diverge(plan, plan.n_docs)
-        self._submit(plan, closes_shard=True)
-
-    def _complete_oldest(self) -> None:
-        future, job = self.pending.popleft()
-        tokens, lengths = future.result()
-        plan = job.plan
-        assert plan.writer is not None
-        plan.writer.add(tokens, lengths, job.digests)
-        self.tokenized_tokens += len(tokens)
-        self.docs_done += len(lengths)
-        if job.closes_shard:
-            stats = plan.writer.close()
-            self.entries[plan.split][plan.index] = stats.manifest_entry()
-            self.built_shards += 1
-
-    def abort(self) -> None:
-        """Drop temporary files of shards not yet committed (committed shards stay, for the next run)."""
-        for _, job in self.pending:
-            if job.plan.writer is not None:
-                job.plan.writer.abort()
-        for plan in self.plans.values():
-            if plan is not None and plan.writer is not None:
-                plan.writer.abort()
-
-    def split_summary(self, split: str) -> dict[str, Any]:
-        entries = [self.entries[split][i] for i in sorted(self.entries[split])]
-        if [e["file"] for e in entries] != [shard_name(split, i) for i in range(len(entries))]:
-            raise RuntimeError(f"{self.out_dir}: shards of split {split} are not contiguous: {entries}")
-        return {
-            "docs": sum(e["docs"] for e in entries),
-            "tokens": sum(e["tokens"] for e in entries),
-            "shards": entries,
-        }
+def _remove_own_temp_files(directory: Path, task: PrepareConfig) -> None:
+    """Temporary files that an interrupted run of this same task left; other tasks' files are theirs."""
+    for path in directory.iterdir():
+        target = _temp_target(path.name)
+        if target is not None and _owned_by(task, target):
+            path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------- one source
 
 
-def source_config_key(cfg: DataPipelineConfig, source: SourceConfig) -> dict[str, Any]:
-    """What decides a source's shards besides the tokenizer (the mixture weight does not)."""
-    described = dataclasses.asdict(source)
-    described.pop("weight", None)
-    return {
-        "source": described,
-        "docs_per_shard": cfg.data.docs_per_shard,
-        "val_fraction": cfg.data.val_fraction,
-        "max_doc_chars": cfg.data.max_doc_chars,
-    }
+def _build(cfg: DataPipelineConfig, source: SourceConfig, builder: SourceBuilder, rejects: RejectLog) -> None:
+    """Read every document of the source in order into `builder`, rejecting what cannot be tokenized."""
+    from tqdm import tqdm
 
-
-@contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the source's directory, so two prepares of one source take turns."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as lock:
-        with suppress(OSError):  # file systems without flock: run unlocked
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def _remove_leftovers(directory: Path, keep: set[str]) -> None:
-    """Temporary files of an interrupted run, and shards that the new manifest no longer lists."""
-    for path in directory.iterdir():
-        name = path.name
-        is_temp = name.startswith(".") and (".tmp" in name) and name != ".lock"
-        is_stale_shard = name.endswith(".bin") and name.split("-")[0] in SPLITS and name not in keep
-        if is_temp or is_stale_shard:
-            path.unlink(missing_ok=True)
+    bar = tqdm(desc=f"prepare {source.name}", unit="doc", disable=not progress_enabled())
+    try:
+        documents = iter_documents(
+            source, max_doc_chars=cfg.data.max_doc_chars, streaming=cfg.data.streaming, rejects=rejects
+        )
+        for doc in documents:
+            try:
+                digest = text_digest(doc.text.encode("utf-8"))
+            except UnicodeEncodeError as error:  # lone surrogates: the tokenizer cannot take them
+                rejects.add(source.name, doc.location, "invalid_utf8", str(error))
+                continue
+            builder.add(split_of(source.name, doc.ordinal, cfg.data.val_fraction), doc.text, digest)
+            if builder.docs_done > bar.n:
+                bar.update(builder.docs_done - bar.n)
+        builder.finish()
+        bar.update(builder.docs_done - bar.n)
+    except BaseException:
+        builder.abort()
+        raise
+    finally:
+        bar.close()
 
 
 def prepare_source(
     cfg: DataPipelineConfig, source: SourceConfig, info: TokenizerInfo, encoder: Encoder
 ) -> dict[str, Any]:
-    """Shard one source and commit its manifest; returns the manifest."""
-    from tqdm import tqdm
-
+    """Shard one source. A whole run commits the manifest and returns it; a task of a job array
+    (`cfg.prepare.is_slice`) builds only its own shards, commits its task record and returns that."""
+    task = cfg.prepare
     out_dir = Path(cfg.data.shards_dir) / source.name
-    with _locked(out_dir):
-        _remove_leftovers(out_dir, keep={p.name for p in out_dir.glob("*.bin")})
+    # Every task reads the whole source (see data.prepare_tasks); task 0 alone lists the rejects.
+    writes_rejects = not task.is_slice or task.task_index == 0
+    with _locked(out_dir, task if task.is_slice else None):
+        if task.is_slice:
+            _remove_own_temp_files(out_dir, task)
+        else:
+            _remove_leftovers(out_dir, keep={p.name for p in out_dir.glob("*.bin")})
         start = time.perf_counter()
-        builder = _SourceBuilder(cfg, source, info, encoder)
-        rejects = RejectLog(out_dir / "rejects.jsonl")
-        bar = tqdm(desc=f"prepare {source.name}", unit="doc", disable=not progress_enabled())
+        builder = SourceBuilder(cfg, source, info, encoder, owned=_shard_filter(task))
+        rejects = RejectLog(out_dir / REJECTS_NAME if writes_rejects else None)
         try:
-            documents = iter_documents(
-                source, max_doc_chars=cfg.data.max_doc_chars, streaming=cfg.data.streaming, rejects=rejects
-            )
-            for doc in documents:
-                try:
-                    digest = text_digest(doc.text.encode("utf-8"))
-                except UnicodeEncodeError as error:  # lone surrogates: the tokenizer cannot take them
-                    rejects.add(source.name, doc.location, "invalid_utf8", str(error))
-                    continue
-                builder.add(split_of(source.name, doc.ordinal, cfg.data.val_fraction), doc.text, digest)
-                if builder.docs_done > bar.n:
-                    bar.update(builder.docs_done - bar.n)
-            builder.finish()
-            bar.update(builder.docs_done - bar.n)
-        except BaseException:
-            builder.abort()
-            raise
+            _build(cfg, source, builder, rejects)
         finally:
-            rejects.close()
-            bar.close()
+            if writes_rejects:
+                rejects.close()
         seconds = time.perf_counter() - start
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "source": source.name,
-            "data": cfg.data.name,
-            "tokenizer_fingerprint": info.fingerprint,
-            "tokenizer_dir": str(info.dir),
-            "vocab_size": info.vocab_size,
-            "eos_id": info.eos_id,
-            "dtype": token_dtype(info.vocab_size).name,
-            "splits": {split: builder.split_summary(split) for split in SPLITS},
-            "rejects": rejects.summary(),
-            "config": source_config_key(cfg, source),
-        }
-        atomic_write_json(manifest_path(cfg.data.shards_dir, source.name), manifest)
-        listed = {e["file"] for s in manifest["splits"].values() for e in s["shards"]}
-        _remove_leftovers(out_dir, keep=listed)
-    splits = manifest["splits"]
-    if not splits["train"]["docs"]:
+        if task.is_slice:
+            read = what_was_read(
+                cfg, source, info, builder.doc_counts, builder.shard_digests, rejects.summary()
+            )
+            built = sorted(e["file"] for split in SPLITS for e in builder.entries[split].values())
+            result = write_task_record(out_dir, task, read, built)
+        else:
+            splits = {split: builder.split_summary(split) for split in SPLITS}
+            result = source_manifest(cfg, source, info, splits, rejects.summary())
+            atomic_write_json(manifest_path(cfg.data.shards_dir, source.name), result)
+            _remove_leftovers(out_dir, keep={e["file"] for s in splits.values() for e in s["shards"]})
+    _log_source(cfg, source, builder, rejects, seconds)
+    return result
+
+
+def _log_source(
+    cfg: DataPipelineConfig, source: SourceConfig, builder: SourceBuilder, rejects: RejectLog, seconds: float
+) -> None:
+    counts = builder.doc_counts
+    shards = [e for split in SPLITS for e in builder.entries[split].values()]
+    if not counts["train"]:
         log.warning(
             "source %s has no training documents (%d rejects); check its config", source.name, rejects.total
         )
+    task = cfg.prepare
+    who, others = f"source {source.name}", ""
+    if task.is_slice:
+        who += f", task {task.task_index} of {task.num_tasks}"
+        others = f", {builder.skipped_shards} left to other tasks"
     log.info(
-        "source %s: %d docs (train %d, val %d), %d tokens, %d rejects; %d shards reused, %d built "
-        "(%d docs' tokens kept from older shards); tokenized %d tokens at %.0f tokens/s (%.1f s)",
+        "%s: %d docs (train %d, val %d), %d rejects, %d tokens in %d shards: %d reused, %d built (%d docs' "
+        "tokens kept from older shards)%s; tokenized %d tokens at %.0f tokens/s (%.1f s)",
+        who,
+        counts["train"] + counts["val"],
+        counts["train"],
+        counts["val"],
+        rejects.total,
+        sum(e["tokens"] for e in shards),
+        len(shards),
+        builder.reused_shards,
+        builder.built_shards,
+        builder.copied_docs,
+        others,
+        builder.tokenized_tokens,
+        builder.tokenized_tokens / max(seconds, 1e-9),
+        seconds,
+    )
+
+
+def merge_source(cfg: DataPipelineConfig, source: SourceConfig, info: TokenizerInfo) -> dict[str, Any]:
+    """After every task of a job array: check all of one source's shards, commit its manifest, clean up."""
+    num_tasks = cfg.prepare.num_tasks
+    out_dir = Path(cfg.data.shards_dir) / source.name
+    with _locked(out_dir):
+        if num_tasks == 1:  # the one task was a whole prepare and wrote the manifest itself
+            reason = _why_source(cfg, source, info.fingerprint)
+            if reason is not None:
+                raise ShardError(
+                    f"nothing to merge with prepare.num_tasks=1: {reason}; run the prepare first"
+                )
+            return read_manifest(cfg.data.shards_dir, source.name)
+        manifest = merged_manifest(cfg, source, info)
+        atomic_write_json(manifest_path(cfg.data.shards_dir, source.name), manifest)
+        records = {task_record_path(out_dir, i, num_tasks).name for i in range(num_tasks)}
+        listed = {e["file"] for split in manifest["splits"].values() for e in split["shards"]}
+        _remove_leftovers(out_dir, keep=listed | records)  # records stay, so the merge can run again
+    splits = manifest["splits"]
+    log.info(
+        "source %s: merged %d tasks: %d docs (train %d, val %d), %d tokens in %d shards, %d rejects",
         source.name,
+        num_tasks,
         splits["train"]["docs"] + splits["val"]["docs"],
         splits["train"]["docs"],
         splits["val"]["docs"],
         splits["train"]["tokens"] + splits["val"]["tokens"],
-        rejects.total,
-        builder.reused_shards,
-        builder.built_shards,
-        builder.copied_docs,
-        builder.tokenized_tokens,
-        builder.tokenized_tokens / max(seconds, 1e-9),
-        seconds,
+        len(listed),
+        manifest["rejects"]["total"],
     )
     return manifest
 
@@ -439,12 +286,24 @@ def prepare_source(
 
 
 def prepare(cfg: DataPipelineConfig) -> dict[str, dict]:
-    """Tokenize every source of `cfg.data` into shards; returns {source name: manifest}."""
+    """Tokenize every source of `cfg.data` into shards; returns {source name: manifest}.
+
+    As task i of n of a job array (`cfg.prepare`) it builds only that task's shards and returns
+    {source name: task record}; with `prepare.merge` it tokenizes nothing, checks every task's shards and
+    returns (and writes) the manifests.
+    """
     tokenizer, info = load_tokenizer(cfg.tokenizer.dir)
+    task = cfg.prepare
+    if task.merge:
+        log.info(
+            "merging the %d prepare tasks of %s in %s", task.num_tasks, cfg.data.name, cfg.data.shards_dir
+        )
+        return {source.name: merge_source(cfg, source, info) for source in cfg.data.sources.values()}
     workers = cfg.data.workers()
     log.info(
-        "preparing %s with tokenizer %s (fingerprint %s) on %d worker(s) -> %s",
+        "preparing %s%s with tokenizer %s (fingerprint %s) on %d worker(s) -> %s",
         cfg.data.name,
+        f" (task {task.task_index} of {task.num_tasks})" if task.is_slice else "",
         info.dir,
         info.fingerprint[:12],
         workers,
@@ -459,24 +318,31 @@ def prepare(cfg: DataPipelineConfig) -> dict[str, dict]:
         encoder.close()
 
 
+def _why_source(cfg: DataPipelineConfig, source: SourceConfig, fingerprint: str) -> str | None:
+    try:
+        manifest = read_manifest(cfg.data.shards_dir, source.name)
+    except ShardError as error:
+        return str(error).split(";")[0]
+    where = manifest_path(cfg.data.shards_dir, source.name)
+    if manifest.get("format") != MANIFEST_FORMAT:
+        return f"{where} has manifest format {manifest.get('format')}, this code writes {MANIFEST_FORMAT}"
+    if manifest["tokenizer_fingerprint"] != fingerprint:
+        return f"{where} was made with another tokenizer ({manifest['tokenizer_fingerprint'][:12]})"
+    if manifest.get("config") != source_config_key(cfg, source):
+        return f"{where} was made with another source config ({manifest.get('config')})"
+    for split in manifest["splits"].values():
+        for entry in split["shards"]:
+            if not (where.parent / entry["file"]).is_file():
+                return f"{where.parent / entry['file']} is missing"
+    return None
+
+
 def why_prepare(cfg: DataPipelineConfig, fingerprint: str) -> str | None:
     """Why the shards must be (re)built, or None when every manifest is complete and matches the config."""
     for source in cfg.data.sources.values():
-        try:
-            manifest = read_manifest(cfg.data.shards_dir, source.name)
-        except ShardError as error:
-            return str(error).split(";")[0]
-        where = manifest_path(cfg.data.shards_dir, source.name)
-        if manifest.get("format") != MANIFEST_FORMAT:
-            return f"{where} has manifest format {manifest.get('format')}, this code writes {MANIFEST_FORMAT}"
-        if manifest["tokenizer_fingerprint"] != fingerprint:
-            return f"{where} was made with another tokenizer ({manifest['tokenizer_fingerprint'][:12]})"
-        if manifest.get("config") != source_config_key(cfg, source):
-            return f"{where} was made with another source config ({manifest.get('config')})"
-        for split in manifest["splits"].values():
-            for entry in split["shards"]:
-                if not (where.parent / entry["file"]).is_file():
-                    return f"{where.parent / entry['file']} is missing"
+        reason = _why_source(cfg, source, fingerprint)
+        if reason is not None:
+            return reason
     return None
 
 
@@ -499,13 +365,22 @@ def ensure_shards(cfg: DataPipelineConfig) -> None:
 def main(cfg: DictConfig) -> None:
     """Tokenize and shard every source (completed shards of an earlier run are reused)."""
     config = typed_data_config(cfg)
-    manifests = prepare(config)
-    total = sum(m["splits"][s]["tokens"] for m in manifests.values() for s in SPLITS)
+    results = prepare(config)
+    if config.prepare.is_slice:
+        log.info(
+            "task %d of %d of %s done; run the merge (prepare.merge=true prepare.num_tasks=%d) after every task",
+            config.prepare.task_index,
+            config.prepare.num_tasks,
+            config.data.name,
+            config.prepare.num_tasks,
+        )
+        return
+    total = sum(m["splits"][s]["tokens"] for m in results.values() for s in SPLITS)
     log.info(
         "prepared %s: %d tokens from %d sources in %s",
         config.data.name,
         total,
-        len(manifests),
+        len(results),
         config.data.shards_dir,
     )
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Tokenize and pack into shards on Slurm: a job array where each task writes a disjoint slice of the shards,
-# then one dependent job that merges the slices' manifests. One command submits both:
+# then one dependent job that checks every slice and writes the manifests. One command submits both:
 #
 #   bash slurm/prepare.sh data=web tokenizer=bpe                       # 8 slice tasks, then the merge
 #   PREPARE_TASKS=32 bash slurm/prepare.sh --partition=cpu --time=4:00:00 -- data=web tokenizer=bpe
@@ -10,12 +10,15 @@
 # `sbatch slurm/prepare.sh <overrides>` (no array) prepares everything in one job instead.
 # Logs: logs/prepare-<array id>_<task>.out and logs/prepare-<merge id>-merge.out (PREPARE_LOG_DIR=logs).
 #
-# Contract with data.prepare (TODO: confirm once data/prepare.py has these keys; `++` sets a key whether or
-# not the config schema already has it):
+# Contract with data.prepare (the prepare.* keys: PrepareConfig in data/config.py, data/prepare_tasks.py):
 #   slice task i of n:  python -m data.prepare <overrides> ++prepare.task_index=i ++prepare.num_tasks=n
-#                       writes only its own slice of the shards and a per-task manifest, never the final one;
+#                       reads every source in full but builds only the shards k with k % n == i, then commits
+#                       a task record (.prepare-task-i-of-n.json); task 0 also writes rejects.jsonl. Never the
+#                       manifest. Tasks run side by side; re-running one redoes only what is missing.
 #   merge:              python -m data.prepare <overrides> ++prepare.merge=true ++prepare.num_tasks=n
-#                       checks that every slice finished and writes the manifest that readers use.
+#                       tokenizes nothing: checks every task's record and every shard (names the missing or
+#                       bad ones and the task to re-run), then writes the manifests, the same bytes as a
+#                       single-process prepare, and cleans up. Safe to re-run.
 #
 #SBATCH --job-name=prepare
 #SBATCH --nodes=1
