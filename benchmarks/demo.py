@@ -52,7 +52,7 @@ def main() -> None:
         name: seconds(m.group(1))
         for name, pattern in {
             "start": r"^(\d\d:\d\d:\d\d) ",
-            "tokenizer_done": r"^(\d\d:\d\d:\d\d) .*tokenizer written to",
+            "tokenizer_done": r"^(\d\d:\d\d:\d\d) .*llm.tokenizer: (trained|reusing) ",
             "shards_done": r"^(\d\d:\d\d:\d\d) .*llm.launch: starting",
             "training_start": r"^(\d\d:\d\d:\d\d) .*llm.trainer: training ",
             "training_done": r"^(\d\d:\d\d:\d\d) .*trained \d+ steps",
@@ -73,7 +73,7 @@ def main() -> None:
             "training": stamps.get("training_done", 0) - stamps.get("training_start", 0),
         },
         "steps": max(m["step"] for m in metrics),
-        "tokens": max(m.get("train/tokens", 0) for m in metrics),
+        "tokens": max(m.get("train/tokens", 0) for m in metrics),  # the last step is always logged
         "train_tokens_per_s_median": round(statistics.median(steady), 1) if steady else None,
         "first_val_loss": val[0]["val/loss"] if val else None,
         "final_val_loss": val[-1]["val/loss"] if val else None,

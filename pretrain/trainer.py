@@ -251,13 +251,14 @@ class Trainer:
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
             if self.spikes.update(metrics["train/loss"]):
                 log.warning("loss spike at step %d: %.4f", step, metrics["train/loss"])
-            if step % self.cfg.logging.log_every_steps == 0:
+            done = self.state.tokens >= total
+            stopping = self.preempted or (cfg.stop_after_steps and steps_here >= cfg.stop_after_steps)
+            if step % self.cfg.logging.log_every_steps == 0 or done or stopping:
                 metrics.update(self.throughput.report())
                 metrics.update(memory_gib())
                 self._log(metrics, step)
             if cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
                 self._log(self.evaluate(), step)
-            done = self.state.tokens >= total
             if done or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
                 self.save()
             last = metrics
