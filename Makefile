@@ -19,7 +19,7 @@ demo: setup
 	$(PY) -m pretrain
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm"

@@ -23,7 +23,8 @@ class ConfigError(ValueError):
     """A config value is wrong; the message names the key and what to do."""
 
 
-def _check(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
+    """Raise a ConfigError naming `key` unless `ok`: the one way every config reports a wrong value."""
     if not ok:
         raise ConfigError(f"{key}: {message}")
 
@@ -56,14 +57,14 @@ class SourceConfig:
     name: str = ""
 
     def validate(self, key: str) -> None:
-        _check(self.kind in SOURCE_KINDS, f"{key}.kind", f"must be one of {SOURCE_KINDS}, got {self.kind!r}")
+        require(self.kind in SOURCE_KINDS, f"{key}.kind", f"must be one of {SOURCE_KINDS}, got {self.kind!r}")
         if self.kind in ("text", "jsonl", "parquet"):
-            _check(bool(self.paths), f"{key}.paths", f"a {self.kind} source needs at least one path or glob")
+            require(bool(self.paths), f"{key}.paths", f"a {self.kind} source needs at least one path or glob")
         if self.kind == "hub":
-            _check(bool(self.hub_name), f"{key}.hub_name", "a hub source needs a dataset name")
-        _check(self.text_unit in TEXT_UNITS, f"{key}.text_unit", f"must be one of {TEXT_UNITS}")
-        _check(self.weight > 0, f"{key}.weight", f"must be positive, got {self.weight}")
-        _check(bool(self.text_field), f"{key}.text_field", "must name the field that holds the text")
+            require(bool(self.hub_name), f"{key}.hub_name", "a hub source needs a dataset name")
+        require(self.text_unit in TEXT_UNITS, f"{key}.text_unit", f"must be one of {TEXT_UNITS}")
+        require(self.weight > 0, f"{key}.weight", f"must be positive, got {self.weight}")
+        require(bool(self.text_field), f"{key}.text_field", "must name the field that holds the text")
 
 
 @dataclass
@@ -80,18 +81,20 @@ class PackingConfig:
     window_docs: int = 20_000
 
     def validate(self, key: str) -> None:
-        _check(self.seq_len >= 8, f"{key}.seq_len", f"must be at least 8, got {self.seq_len}")
-        _check(
+        require(self.seq_len >= 8, f"{key}.seq_len", f"must be at least 8, got {self.seq_len}")
+        require(
             self.mode in PACKING_MODES, f"{key}.mode", f"must be one of {PACKING_MODES}, got {self.mode!r}"
         )
-        _check(self.long_threshold >= 0, f"{key}.long_threshold", "must be >= 0 (0 disables the long pool)")
-        _check(0.0 <= self.long_share < 1.0, f"{key}.long_share", f"must be in [0, 1), got {self.long_share}")
-        _check(
+        require(self.long_threshold >= 0, f"{key}.long_threshold", "must be >= 0 (0 disables the long pool)")
+        require(
+            0.0 <= self.long_share < 1.0, f"{key}.long_share", f"must be in [0, 1), got {self.long_share}"
+        )
+        require(
             self.long_share == 0.0 or self.long_threshold > 0,
             f"{key}.long_share",
             "a long share needs data.packing.long_threshold > 0",
         )
-        _check(self.window_docs >= 1, f"{key}.window_docs", "must be at least 1")
+        require(self.window_docs >= 1, f"{key}.window_docs", "must be at least 1")
 
 
 @dataclass
@@ -119,18 +122,18 @@ class DataConfig:
     seed: int = 1234
 
     def validate(self, key: str = "data") -> None:
-        _check(self.name not in ("", MISSING), f"{key}.name", "every data config needs a name")
-        _check(bool(self.sources), f"{key}.sources", "needs at least one source")
+        require(self.name not in ("", MISSING), f"{key}.name", "every data config needs a name")
+        require(bool(self.sources), f"{key}.sources", "needs at least one source")
         for name, source in self.sources.items():
             if not source.name:
                 source.name = name
             source.validate(f"{key}.sources.{name}")
-        _check(self.max_doc_chars > 0, f"{key}.max_doc_chars", "must be positive")
-        _check(0.0 <= self.val_fraction < 0.5, f"{key}.val_fraction", "must be in [0, 0.5)")
-        _check(self.docs_per_shard >= 1, f"{key}.docs_per_shard", "must be at least 1")
-        _check(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0 (0 = every core)")
-        _check(self.max_repetition >= 1.0, f"{key}.max_repetition", "must be at least 1 epoch")
-        _check(
+        require(self.max_doc_chars > 0, f"{key}.max_doc_chars", "must be positive")
+        require(0.0 <= self.val_fraction < 0.5, f"{key}.val_fraction", "must be in [0, 0.5)")
+        require(self.docs_per_shard >= 1, f"{key}.docs_per_shard", "must be at least 1")
+        require(self.num_workers >= 0, f"{key}.num_workers", "must be >= 0 (0 = every core)")
+        require(self.max_repetition >= 1.0, f"{key}.max_repetition", "must be at least 1 epoch")
+        require(
             self.repetition_policy in ("error", "warn"),
             f"{key}.repetition_policy",
             "must be 'error' or 'warn'",
@@ -163,17 +166,17 @@ class TokenizerConfig:
     dir: str = "${paths.artifacts}/tokenizers/${tokenizer.name}"
 
     def validate(self, key: str = "tokenizer") -> None:
-        _check(self.name not in ("", MISSING), f"{key}.name", "every tokenizer config needs a name")
-        _check(
+        require(self.name not in ("", MISSING), f"{key}.name", "every tokenizer config needs a name")
+        require(
             self.kind in TOKENIZER_KINDS,
             f"{key}.kind",
             f"must be one of {TOKENIZER_KINDS}, got {self.kind!r}",
         )
-        _check(self.vocab_size >= 64, f"{key}.vocab_size", f"must be at least 64, got {self.vocab_size}")
-        _check(self.min_frequency >= 1, f"{key}.min_frequency", "must be at least 1")
-        _check(self.byte_budget > 0, f"{key}.byte_budget", "must be positive")
+        require(self.vocab_size >= 64, f"{key}.vocab_size", f"must be at least 64, got {self.vocab_size}")
+        require(self.min_frequency >= 1, f"{key}.min_frequency", "must be at least 1")
+        require(self.byte_budget > 0, f"{key}.byte_budget", "must be positive")
         specials = [self.bos_token, self.eos_token, self.pad_token, self.unk_token]
-        _check(all(specials), f"{key}", "bos_token, eos_token, pad_token and unk_token must be set")
+        require(all(specials), f"{key}", "bos_token, eos_token, pad_token and unk_token must be set")
 
 
 @dataclass
@@ -187,13 +190,13 @@ class PrepareConfig:
     merge: bool = False
 
     def validate(self, key: str = "prepare") -> None:
-        _check(self.num_tasks >= 1, f"{key}.num_tasks", f"must be at least 1, got {self.num_tasks}")
-        _check(
+        require(self.num_tasks >= 1, f"{key}.num_tasks", f"must be at least 1, got {self.num_tasks}")
+        require(
             0 <= self.task_index < self.num_tasks,
             f"{key}.task_index",
             f"must be in [0, {key}.num_tasks={self.num_tasks}), got {self.task_index}",
         )
-        _check(
+        require(
             not self.merge or self.task_index == 0,
             f"{key}.task_index",
             f"the merge ({key}.merge=true) runs once after every task; leave {key}.task_index unset",

@@ -32,6 +32,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from data.atomic_io import atomic_write_json
 from data.cli import typed_data_config
 from data.config import DataPipelineConfig, PrepareConfig, SourceConfig
 from data.log import get_logger, progress_enabled
@@ -48,9 +49,10 @@ from data.prepare_tasks import (
     what_was_read,
     write_task_record,
 )
+from data.rejects import RejectLog
 from data.shard_builder import SourceBuilder, text_digest
-from data.shards import SPLITS, ShardError, atomic_write_json, manifest_path, read_manifest
-from data.sources import RejectLog, iter_documents
+from data.shards import SPLITS, ShardError, manifest_path, read_manifest
+from data.sources import iter_documents
 from data.tokenize_pool import Encoder, encode_documents
 from data.tokenizer import TokenizerInfo, load_tokenizer
 

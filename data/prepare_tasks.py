@@ -33,9 +33,10 @@ import re
 from pathlib import Path
 from typing import Any, NoReturn
 
+from data.atomic_io import atomic_write_json
 from data.config import DataPipelineConfig, PrepareConfig, SourceConfig
 from data.shard_builder import split_summary
-from data.shards import SPLITS, ShardError, atomic_write_json, open_shard, shard_name, token_dtype
+from data.shards import SPLITS, ShardError, open_shard, shard_name, token_dtype
 from data.tokenizer import TokenizerInfo
 
 MANIFEST_FORMAT = 1

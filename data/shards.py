@@ -28,12 +28,14 @@ import os
 import struct
 import tempfile
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from data.atomic_io import FILE_MODE, fsync_dir
 
 MAGIC = b"LLMSHRD\x00"
 FORMAT_VERSION = 1
@@ -48,7 +50,6 @@ SPLITS = ("train", "val")
 MANIFEST_NAME = "manifest.json"
 PREPARE_HINT = "run `python -m data.prepare data=<data> tokenizer=<tokenizer>` with the run's config"
 _CHECKSUM_CHUNK = 64 << 20
-FILE_MODE = 0o644  # mkstemp makes files private; shards are meant to be shared
 
 # Shards verified by this process, keyed by (path, inode, size, mtime), so re-opening a shard is cheap.
 _VERIFIED: set[tuple[str, int, int, int]] = set()
@@ -105,42 +106,6 @@ def format_checksum(crc: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- writing
-
-
-def atomic_write_bytes(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
-    """Write `chunks` to a temporary file next to `path`, fsync it, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, [json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n"])
 
 
 def _check_fingerprint_format(path: Path, fingerprint: str) -> None:
@@ -250,7 +215,7 @@ class ShardWriter:
         except BaseException:
             self.abort()
             raise
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return ShardStats(
             self.path, n_docs, self.n_tokens, self.dtype.name, format_checksum(crc), source_digest.hex()
         )

@@ -36,7 +36,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from data.cli import typed_data_config
 from data.config import ConfigError, DataPipelineConfig, TokenizerConfig
 from data.log import get_logger, progress_enabled
-from data.sources import RejectLog, iter_documents
+from data.rejects import RejectLog
+from data.sources import iter_documents
 
 log = get_logger("data.tokenizer")  # not __name__: it is "__main__" under `python -m`
 

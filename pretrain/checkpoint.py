@@ -18,21 +18,13 @@ from typing import Any
 
 import torch
 
+from data.atomic_io import atomic_write_text
 from data.log import get_logger
 
 log = get_logger(__name__)
 
 MARKER = "COMMITTED"
 STATE_FILE = "trainer_state.json"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -119,14 +111,14 @@ class CheckpointManager:
         engine.save(str(self.root), tag, client_state={"trainer_state_step": step})
         torch.save(rng_state(), path / f"rng_rank{self.rank:05d}.pt")
         if self.rank == 0:
-            _atomic_write_text(path / STATE_FILE, json.dumps(trainer_state, indent=2, sort_keys=True))
+            atomic_write_text(path / STATE_FILE, json.dumps(trainer_state, indent=2, sort_keys=True))
         _fsync_tree(path)
         self.barrier()
         if self.rank == 0:
             files = {
                 str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()
             }
-            _atomic_write_text(path / MARKER, json.dumps({"step": step, "files": files}, indent=1))
+            atomic_write_text(path / MARKER, json.dumps({"step": step, "files": files}, indent=1))
             self._prune()
             log.info("checkpoint %s committed (%d files)", path, len(files))
         self.barrier()

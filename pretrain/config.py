@@ -13,13 +13,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from data.config import ConfigError, DataConfig, PathsConfig, TokenizerConfig, register_data_configs
+from data.config import DataConfig, PathsConfig, TokenizerConfig, register_data_configs, require
 from pretrain.model import ModelConfig
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
 
 
 @dataclass
@@ -38,16 +33,16 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def validate(self, key: str = "optim") -> None:
-        _check(self.lr > 0, f"{key}.lr", f"must be positive, got {self.lr}")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, f"{key}.min_lr_ratio", "must be in [0, 1]")
-        _check(self.warmup_tokens >= 0, f"{key}.warmup_tokens", "must be >= 0")
-        _check(
+        require(self.lr > 0, f"{key}.lr", f"must be positive, got {self.lr}")
+        require(0.0 <= self.min_lr_ratio <= 1.0, f"{key}.min_lr_ratio", "must be in [0, 1]")
+        require(self.warmup_tokens >= 0, f"{key}.warmup_tokens", "must be >= 0")
+        require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"{key}.betas",
             "needs two values in [0, 1)",
         )
-        _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
-        _check(self.grad_clip >= 0, f"{key}.grad_clip", "must be >= 0 (0 disables clipping)")
+        require(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        require(self.grad_clip >= 0, f"{key}.grad_clip", "must be >= 0 (0 disables clipping)")
 
 
 @dataclass
@@ -75,17 +70,17 @@ class DeepSpeedConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, key: str = "deepspeed") -> None:
-        _check(self.zero_stage in (0, 1, 2, 3), f"{key}.zero_stage", "must be 0, 1, 2 or 3")
-        _check(self.precision in ("bf16", "fp32"), f"{key}.precision", "must be 'bf16' or 'fp32'")
+        require(self.zero_stage in (0, 1, 2, 3), f"{key}.zero_stage", "must be 0, 1, 2 or 3")
+        require(self.precision in ("bf16", "fp32"), f"{key}.precision", "must be 'bf16' or 'fp32'")
         for name in ("offload_optimizer", "offload_param"):
-            _check(getattr(self, name) in ("none", "cpu"), f"{key}.{name}", "must be 'none' or 'cpu'")
-        _check(
+            require(getattr(self, name) in ("none", "cpu"), f"{key}.{name}", "must be 'none' or 'cpu'")
+        require(
             self.offload_param == "none" or self.zero_stage == 3,
             f"{key}.offload_param",
             "parameter offload needs deepspeed.zero_stage=3",
         )
-        _check(self.checkpoint_every_n_layers >= 1, f"{key}.checkpoint_every_n_layers", "must be at least 1")
-        _check(self.timeout_minutes > 0, f"{key}.timeout_minutes", "must be positive")
+        require(self.checkpoint_every_n_layers >= 1, f"{key}.checkpoint_every_n_layers", "must be at least 1")
+        require(self.timeout_minutes > 0, f"{key}.timeout_minutes", "must be positive")
 
 
 @dataclass
@@ -120,24 +115,24 @@ class TrainConfig:
     stop_after_steps: int = 0
 
     def validate(self, key: str = "train") -> None:
-        _check(bool(self.run_name) and "/" not in self.run_name, f"{key}.run_name", "must be a plain name")
-        _check(self.total_tokens > 0, f"{key}.total_tokens", "must be positive")
-        _check(self.global_batch_tokens > 0, f"{key}.global_batch_tokens", "must be positive")
-        _check(self.micro_batch_size >= 1, f"{key}.micro_batch_size", "must be at least 1")
-        _check(self.start_batch_tokens >= 0, f"{key}.start_batch_tokens", "must be >= 0 (0 = no growth)")
-        _check(
+        require(bool(self.run_name) and "/" not in self.run_name, f"{key}.run_name", "must be a plain name")
+        require(self.total_tokens > 0, f"{key}.total_tokens", "must be positive")
+        require(self.global_batch_tokens > 0, f"{key}.global_batch_tokens", "must be positive")
+        require(self.micro_batch_size >= 1, f"{key}.micro_batch_size", "must be at least 1")
+        require(self.start_batch_tokens >= 0, f"{key}.start_batch_tokens", "must be >= 0 (0 = no growth)")
+        require(
             self.start_batch_tokens <= self.global_batch_tokens,
             f"{key}.start_batch_tokens",
             "must not exceed train.global_batch_tokens",
         )
-        _check(
+        require(
             self.start_batch_tokens == 0 or self.global_batch_tokens % self.start_batch_tokens == 0,
             f"{key}.global_batch_tokens",
             "must be an integer multiple of train.start_batch_tokens (the batch grows in integer multiples)",
         )
-        _check(self.batch_ramp_tokens >= 0, f"{key}.batch_ramp_tokens", "must be >= 0")
-        _check(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must keep at least 1")
-        _check(self.max_bad_steps >= 1, f"{key}.max_bad_steps", "must be at least 1")
+        require(self.batch_ramp_tokens >= 0, f"{key}.batch_ramp_tokens", "must be >= 0")
+        require(self.keep_checkpoints >= 1, f"{key}.keep_checkpoints", "must keep at least 1")
+        require(self.max_bad_steps >= 1, f"{key}.max_bad_steps", "must be at least 1")
 
 
 @dataclass
@@ -156,11 +151,11 @@ class LoggingConfig:
 
     def validate(self, key: str = "logging") -> None:
         modes = ("online", "offline", "disabled")
-        _check(
+        require(
             self.wandb_mode in modes, f"{key}.wandb_mode", f"must be one of {modes}, got {self.wandb_mode!r}"
         )
-        _check(self.log_every_steps >= 1, f"{key}.log_every_steps", "must be at least 1")
-        _check(self.spike_window >= 2, f"{key}.spike_window", "must be at least 2")
+        require(self.log_every_steps >= 1, f"{key}.log_every_steps", "must be at least 1")
+        require(self.spike_window >= 2, f"{key}.spike_window", "must be at least 2")
 
 
 @dataclass
@@ -186,14 +181,14 @@ class PretrainConfig:
         self.train.validate("train")
         self.logging.validate("logging")
         seq_len = self.data.packing.seq_len
-        _check(
+        require(
             seq_len <= self.model.max_seq_len,
             "data.packing.seq_len",
             f"{seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
         )
         for key in ("global_batch_tokens", "start_batch_tokens"):
             tokens = getattr(self.train, key)
-            _check(
+            require(
                 tokens % seq_len == 0,
                 f"train.{key}",
                 f"{tokens} is not a multiple of data.packing.seq_len={seq_len}",

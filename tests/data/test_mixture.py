@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data.atomic_io import atomic_write_json
 from data.config import ConfigError, DataConfig, PackingConfig, SourceConfig
 from data.mixture import LONG_POOL, MixtureDataset
-from data.shards import ShardError, atomic_write_json, manifest_path, shard_path, write_shard
+from data.shards import ShardError, manifest_path, shard_path, write_shard
 
 FINGERPRINT = "ab" * 32
 VOCAB = 5000

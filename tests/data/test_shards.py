@@ -10,12 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from data.atomic_io import atomic_write_bytes, atomic_write_json
 from data.shards import (
     HEADER_SIZE,
     ShardError,
     ShardWriter,
-    atomic_write_bytes,
-    atomic_write_json,
     load_split,
     manifest_path,
     open_shard,

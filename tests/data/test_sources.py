@@ -11,10 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data.config import SourceConfig
+from data.rejects import REJECT_REASONS, RejectLog
 from data.sources import (
-    REJECT_REASONS,
     Document,
-    RejectLog,
     expand_paths,
     iter_documents,
     source_files,
