@@ -7,8 +7,6 @@ import os
 import random
 import subprocess
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,73 +17,16 @@ from hypothesis import strategies as st
 from data import prepare as prepare_module
 from data import shard_builder
 from data.cli import compose_data_config
-from data.config import ConfigError
 from data.prepare import ensure_shards, prepare, split_of, why_prepare
-from data.shards import SPLITS, ShardError, load_split, read_manifest
+from data.shards import SPLITS, load_split, read_manifest
 from data.tokenizer import load_tokenizer, train_tokenizer
-
-REPO = Path(__file__).resolve().parents[2]
-WORDS = ["the", "a", "of", "data", "token", "shard", "python", "über", "naïve", "数据", "café", "🙂"]
-WORDS += ["résumé", "loss", "model", "42", "x=1;", "def", "f():", "return"]
-
-
-def _text(rng: random.Random, max_words: int = 60) -> str:
-    words = [rng.choice(WORDS) for _ in range(rng.randint(1, max_words))]
-    return " ".join(words) + rng.choice(["", ".", "\n", "\n\nend"])
-
-
-def _write_corpus(path: Path, texts: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8"
-    )
-
-
-def _config(tmp: Path, corpus: Path, tokenizer_dir: Path, *extra: str):
-    return compose_data_config(
-        [
-            "data=local_jsonl",
-            f"data.sources.web.paths=[{corpus}]",
-            f"paths.artifacts={tmp / 'artifacts'}",
-            f"tokenizer.dir={tokenizer_dir}",
-            "tokenizer.vocab_size=300",
-            "tokenizer.byte_budget=100000",
-            "data.docs_per_shard=40",
-            "data.val_fraction=0.1",
-            "data.num_workers=2",
-            *extra,
-        ]
-    )
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """A tiny byte-level BPE trained once on a generated corpus."""
-    tmp = tmp_path_factory.mktemp("tok")
-    rng = random.Random(0)
-    corpus = tmp / "train.jsonl"
-    _write_corpus(corpus, [_text(rng) for _ in range(300)])
-    train_tokenizer(_config(tmp, corpus, tmp / "bpe300"))
-    return tmp / "bpe300"
-
-
-@pytest.fixture
-def corpus(tmp_path) -> tuple[Path, list[str]]:
-    rng = random.Random(1)
-    texts = [_text(rng) for _ in range(250)]
-    path = tmp_path / "corpus" / "web.jsonl"
-    _write_corpus(path, texts)
-    return path, texts
+from tests.data.prepare_corpus import prepare_config, random_text, shard_files, write_corpus
+from tests.helpers import ROOT
 
 
 def _split_docs(cfg, split: str, fingerprint: str) -> list[np.ndarray]:
     shards = load_split(cfg.data.shards_dir, "web", split, expected_fingerprint=fingerprint)
     return [shard.doc(i) for shard in shards for i in range(shard.n_docs)]
-
-
-def _files(cfg) -> dict[str, tuple[int, bytes]]:
-    directory = Path(cfg.data.shards_dir) / "web"
-    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(directory.glob("*.bin"))}
 
 
 def test_split_is_stable_and_honours_the_fraction():
@@ -102,7 +43,7 @@ EXPECTED_SPLIT = "tvttvvtttvtttvtttttvtttt"
 
 def test_manifest_counts_tokens_and_eos(tmp_path, corpus, tokenizer_dir):
     path, texts = corpus
-    cfg = _config(tmp_path, path, tokenizer_dir)
+    cfg = prepare_config(tmp_path, path, tokenizer_dir)
     tokenizer, info = load_tokenizer(tokenizer_dir)
     manifest = prepare(cfg)["web"]
     assert manifest == read_manifest(cfg.data.shards_dir, "web")
@@ -125,12 +66,12 @@ def test_manifest_counts_tokens_and_eos(tmp_path, corpus, tokenizer_dir):
 
 def test_rerun_reuses_and_resume_rebuilds_exactly_what_is_missing(tmp_path, corpus, tokenizer_dir):
     path, _ = corpus
-    cfg = _config(tmp_path, path, tokenizer_dir)
+    cfg = prepare_config(tmp_path, path, tokenizer_dir)
     first = prepare(cfg)
-    before = _files(cfg)
+    before = shard_files(cfg)
     assert len(before) >= 6
     assert prepare(cfg) == first
-    assert _files(cfg) == before, "a re-run must not rewrite any shard"
+    assert shard_files(cfg) == before, "a re-run must not rewrite any shard"
 
     directory = Path(cfg.data.shards_dir) / "web"
     (directory / "train-00002.bin").unlink()
@@ -138,7 +79,7 @@ def test_rerun_reuses_and_resume_rebuilds_exactly_what_is_missing(tmp_path, corp
     (directory / "manifest.json").unlink()
     assert why_prepare(cfg, first["web"]["tokenizer_fingerprint"]) is not None
     assert prepare(cfg) == first
-    after = _files(cfg)
+    after = shard_files(cfg)
     assert after.keys() == before.keys()
     assert after["train-00002.bin"][1] == before["train-00002.bin"][1], "rebuilt shard must be identical"
     assert {n for n in before if after[n][0] != before[n][0]} == {"train-00002.bin"}
@@ -146,7 +87,7 @@ def test_rerun_reuses_and_resume_rebuilds_exactly_what_is_missing(tmp_path, corp
 
 
 def _bytes(cfg) -> dict[str, bytes]:
-    return {name: data for name, (_, data) in _files(cfg).items()}
+    return {name: data for name, (_, data) in shard_files(cfg).items()}
 
 
 def _shard_contents(texts: list[str]) -> dict[str, list[str]]:
@@ -164,9 +105,9 @@ def _shard_contents(texts: list[str]) -> dict[str, list[str]]:
 def test_edited_corpus_rebuilds_only_what_changed(tmp_path, corpus, tokenizer_dir, edit):
     """Each shard keeps a digest per document, so an edit re-tokenizes only from the first changed document."""
     path, texts = corpus
-    cfg = _config(tmp_path / "old", path, tokenizer_dir)
+    cfg = prepare_config(tmp_path / "old", path, tokenizer_dir)
     prepare(cfg)
-    before = _files(cfg)
+    before = shard_files(cfg)
     old_contents = _shard_contents(texts)
     if edit == "change":
         texts[100] = "a changed document"
@@ -174,15 +115,15 @@ def test_edited_corpus_rebuilds_only_what_changed(tmp_path, corpus, tokenizer_di
         texts += ["one more document", "and another", "and a third"]
     else:
         texts = texts[:-30]
-    _write_corpus(path, texts)
+    write_corpus(path, texts)
     new_contents = _shard_contents(texts)
     expected = {name for name, docs in new_contents.items() if old_contents.get(name) != docs}
     assert 1 <= len(expected) <= 3
     prepare(cfg)
-    after = _files(cfg)
+    after = shard_files(cfg)
     assert set(after) == set(new_contents), "shards the corpus no longer fills are removed"
     assert {n for n in after if n not in before or after[n][0] != before[n][0]} == expected
-    fresh = _config(tmp_path / "fresh", path, tokenizer_dir)
+    fresh = prepare_config(tmp_path / "fresh", path, tokenizer_dir)
     prepare(fresh)
     assert _bytes(cfg) == _bytes(fresh), "an incremental re-run must give the bytes of a fresh run"
     assert read_manifest(cfg.data.shards_dir, "web") == read_manifest(fresh.data.shards_dir, "web")
@@ -190,9 +131,9 @@ def test_edited_corpus_rebuilds_only_what_changed(tmp_path, corpus, tokenizer_di
 
 def test_interrupted_run_resumes_to_identical_bytes(tmp_path, corpus, tokenizer_dir, monkeypatch):
     path, _ = corpus
-    clean = _config(tmp_path / "clean", path, tokenizer_dir)
+    clean = prepare_config(tmp_path / "clean", path, tokenizer_dir)
     prepare(clean)
-    cfg = _config(tmp_path / "interrupted", path, tokenizer_dir)
+    cfg = prepare_config(tmp_path / "interrupted", path, tokenizer_dir)
     real_complete = shard_builder.SourceBuilder._complete_oldest
     calls = []
 
@@ -210,7 +151,7 @@ def test_interrupted_run_resumes_to_identical_bytes(tmp_path, corpus, tokenizer_
     assert not (directory / "manifest.json").exists()
     assert not [p for p in directory.iterdir() if ".tmp" in p.name], "temporary files must be cleaned up"
     committed = {p.name for p in directory.glob("*.bin")}
-    assert 0 < len(committed) < len(_files(clean))
+    assert 0 < len(committed) < len(shard_files(clean))
     with pytest.raises(Exception, match="no manifest"):
         load_split(cfg.data.shards_dir, "web", "train", expected_fingerprint=None)
 
@@ -224,7 +165,7 @@ def test_interrupted_run_resumes_to_identical_bytes(tmp_path, corpus, tokenizer_
 
 def test_ensure_shards(tmp_path, corpus, tokenizer_dir, monkeypatch):
     path, _ = corpus
-    cfg = _config(tmp_path, path, tokenizer_dir)
+    cfg = prepare_config(tmp_path, path, tokenizer_dir)
     fingerprint = load_tokenizer(tokenizer_dir)[1].fingerprint
     assert "no manifest" in why_prepare(cfg, fingerprint)
     ensure_shards(cfg)
@@ -236,11 +177,11 @@ def test_ensure_shards(tmp_path, corpus, tokenizer_dir, monkeypatch):
 
     monkeypatch.setattr(prepare_module, "prepare", must_not_run)
     ensure_shards(cfg)
-    changed = _config(tmp_path, path, tokenizer_dir, "data.docs_per_shard=25")
+    changed = prepare_config(tmp_path, path, tokenizer_dir, "data.docs_per_shard=25")
     assert "another source config" in why_prepare(changed, fingerprint)
     # The mixture weight does not change the shards, so it must not force a rebuild.
     assert (
-        why_prepare(_config(tmp_path, path, tokenizer_dir, "data.sources.web.weight=3.0"), fingerprint)
+        why_prepare(prepare_config(tmp_path, path, tokenizer_dir, "data.sources.web.weight=3.0"), fingerprint)
         is None
     )
     monkeypatch.undo()
@@ -276,7 +217,7 @@ REJECT_KINDS = {
 
 def test_fuzzed_corpus_rejects_every_bad_record_and_keeps_valid_tokens(tmp_path, tokenizer_dir):
     rng = random.Random(7)
-    valid = [_text(rng) for _ in range(400)]
+    valid = [random_text(rng) for _ in range(400)]
     bad = [(kind, make(rng)) for kind, make in REJECT_KINDS.items() for _ in range(125)]
     assert len(bad) == 1000
     lines = [("ok", json.dumps({"text": t}, ensure_ascii=False).encode()) for t in valid] + bad
@@ -286,11 +227,11 @@ def test_fuzzed_corpus_rejects_every_bad_record_and_keeps_valid_tokens(tmp_path,
     dirty.write_bytes(b"\n".join(line for _, line in lines) + b"\n")
     ordered_valid = [json.loads(line)["text"] for kind, line in lines if kind == "ok"]
     clean = tmp_path / "clean" / "web.jsonl"
-    _write_corpus(clean, ordered_valid)
+    write_corpus(clean, ordered_valid)
 
     extra = ("data.val_fraction=0", "data.max_doc_chars=2000")
-    dirty_cfg = _config(tmp_path / "d", dirty, tokenizer_dir, *extra)
-    clean_cfg = _config(tmp_path / "c", clean, tokenizer_dir, *extra)
+    dirty_cfg = prepare_config(tmp_path / "d", dirty, tokenizer_dir, *extra)
+    clean_cfg = prepare_config(tmp_path / "c", clean, tokenizer_dir, *extra)
     dirty_manifest = prepare(dirty_cfg)["web"]
     prepare(clean_cfg)
 
@@ -305,8 +246,8 @@ def test_fuzzed_corpus_rejects_every_bad_record_and_keeps_valid_tokens(tmp_path,
     assert listed == injected
     assert all(r["source"] == "web" for r in rejects)
     # Same valid documents in the same order, so the same shards byte for byte (the digest covers texts only).
-    assert {n: b for n, (_, b) in _files(dirty_cfg).items()} == {
-        n: b for n, (_, b) in _files(clean_cfg).items()
+    assert {n: b for n, (_, b) in shard_files(dirty_cfg).items()} == {
+        n: b for n, (_, b) in shard_files(clean_cfg).items()
     }
     assert dirty_manifest["splits"]["train"]["docs"] == len(valid)
 
@@ -326,7 +267,7 @@ def test_any_input_is_either_a_document_or_a_reject(tmp_path_factory, tokenizer_
     tmp = tmp_path_factory.mktemp("prop")
     corpus = tmp / "web.jsonl"
     corpus.write_bytes(b"".join(line + b"\n" for _, _, line in records))
-    cfg = _config(tmp, corpus, tokenizer_dir, "data.docs_per_shard=3", "data.num_workers=1")
+    cfg = prepare_config(tmp, corpus, tokenizer_dir, "data.docs_per_shard=3", "data.num_workers=1")
     tokenizer, info = load_tokenizer(tokenizer_dir)
     manifest = prepare(cfg)["web"]
     docs = sum(manifest["splits"][s]["docs"] for s in SPLITS)
@@ -381,7 +322,7 @@ def test_embedded_corpus_with_a_tiny_bpe(tmp_path):
 
 def test_cli_needs_a_tokenizer_then_prepares(tmp_path, corpus, tokenizer_dir):
     path, _ = corpus
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [
         sys.executable,
         "-m",
@@ -405,221 +346,3 @@ def test_cli_needs_a_tokenizer_then_prepares(tmp_path, corpus, tokenizer_dir):
 
 
 # ----------------------------------------------------------------------------------------------- job array
-
-
-def test_prepare_keys_compose_with_or_without_plus_plus_and_are_checked():
-    for prefix in ("", "++"):
-        cfg = compose_data_config([f"{prefix}prepare.task_index=2", f"{prefix}prepare.num_tasks=3"])
-        assert (cfg.prepare.task_index, cfg.prepare.num_tasks, cfg.prepare.merge) == (2, 3, False)
-        assert cfg.prepare.is_slice
-    default = compose_data_config([]).prepare
-    assert (default.task_index, default.num_tasks, default.merge, default.is_slice) == (0, 1, False, False)
-    wrong = {
-        ("prepare.task_index=3", "prepare.num_tasks=3"): "prepare.task_index",
-        ("prepare.task_index=-1",): "prepare.task_index",
-        ("prepare.num_tasks=0",): "prepare.num_tasks",
-        ("prepare.merge=true", "prepare.num_tasks=2", "prepare.task_index=1"): "prepare.task_index",
-    }
-    for overrides, key in wrong.items():
-        with pytest.raises(ConfigError, match=key):
-            compose_data_config(list(overrides))
-
-
-ARRAY_TASKS = 3
-
-
-def _dirty_corpus(path: Path, texts: list[str]) -> None:
-    """The texts as JSONL with three bad records among them, so that rejects change the document count."""
-    lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
-    for at, bad in ((5, "{broken"), (60, '{"text": ""}'), (170, '{"body": "no text"}')):
-        lines.insert(at, bad)
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-
-
-def _array_config(tmp: Path, corpus: Path, tokenizer_dir: Path, task: int | str):
-    """Task `task` of ARRAY_TASKS, or the merge (task="merge"); 20 docs per shard: 11 train, 2 val shards."""
-    stage = ["++prepare.merge=true"] if task == "merge" else [f"++prepare.task_index={task}"]
-    return _config(
-        tmp, corpus, tokenizer_dir, "data.docs_per_shard=20", *stage, f"++prepare.num_tasks={ARRAY_TASKS}"
-    )
-
-
-def _visible_files(cfg) -> dict[str, bytes]:
-    """Every file a reader uses: shards, manifest.json, rejects.jsonl (not locks or task records)."""
-    directory = Path(cfg.data.shards_dir) / "web"
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if not p.name.startswith(".")}
-
-
-@pytest.fixture
-def dirty_corpus(tmp_path, corpus) -> Path:
-    path = tmp_path / "corpus" / "dirty.jsonl"
-    _dirty_corpus(path, corpus[1])
-    return path
-
-
-@pytest.fixture
-def single_process(tmp_path, dirty_corpus, tokenizer_dir):
-    """The config of a single-process prepare of the dirty corpus, already run."""
-    cfg = _config(tmp_path / "single", dirty_corpus, tokenizer_dir, "data.docs_per_shard=20")
-    prepare(cfg)
-    return cfg
-
-
-def test_job_array_gives_the_shards_and_manifest_of_a_single_process_prepare(
-    tmp_path, dirty_corpus, tokenizer_dir, single_process
-):
-    expected = _visible_files(single_process)
-    shards = sorted(name for name in expected if name.endswith(".bin"))
-    assert len(shards) == 13 and read_manifest(single_process.data.shards_dir, "web")["rejects"]["total"] == 3
-    directory = (
-        Path(_array_config(tmp_path / "array", dirty_corpus, tokenizer_dir, 0).data.shards_dir) / "web"
-    )
-    done: set[int] = set()
-    for task in (2, 0, 1):
-        record = prepare(_array_config(tmp_path / "array", dirty_corpus, tokenizer_dir, task))["web"]
-        done.add(task)
-        assert not (directory / "manifest.json").exists(), "a task must never write the manifest"
-        mine = [name for name in shards if int(name[-9:-4]) % ARRAY_TASKS == task]
-        assert record["task_index"] == task and record["shards"] == mine
-        on_disk = sorted(p.name for p in directory.glob("*.bin"))
-        assert on_disk == [name for name in shards if int(name[-9:-4]) % ARRAY_TASKS in done]
-        assert (directory / "rejects.jsonl").exists() == (0 in done), "task 0 alone lists the rejects"
-    manifest = prepare(_array_config(tmp_path / "array", dirty_corpus, tokenizer_dir, "merge"))["web"]
-    assert manifest == read_manifest(single_process.data.shards_dir, "web")
-    merged = _visible_files(_array_config(tmp_path / "array", dirty_corpus, tokenizer_dir, "merge"))
-    assert merged.keys() == expected.keys()
-    assert merged == expected, "shards, manifest and rejects list must be byte for byte those of one process"
-    assert not [p for p in directory.iterdir() if ".tmp" in p.name]
-
-
-def test_merge_names_every_missing_or_wrong_shard_and_the_task_that_builds_it(
-    tmp_path, dirty_corpus, tokenizer_dir, single_process
-):
-    def run(task):
-        return prepare(_array_config(tmp_path, dirty_corpus, tokenizer_dir, task))
-
-    run(0)
-    run(2)
-    with pytest.raises(ShardError) as missing:
-        run("merge")
-    message = str(missing.value)
-    assert "task 1: did not finish (no .prepare-task-1-of-3.json)" in message
-    for name in ("train-00001.bin", "train-00004.bin", "train-00007.bin", "train-00010.bin", "val-00001.bin"):
-        assert f"{name} is missing" in message
-    assert "task 0:" not in message and "task 2:" not in message
-    assert "++prepare.task_index=<i> ++prepare.num_tasks=3" in message and "re-run task(s) 1 " in message
-    directory = Path(_array_config(tmp_path, dirty_corpus, tokenizer_dir, 0).data.shards_dir) / "web"
-    assert not (directory / "manifest.json").exists()
-
-    run(1)
-    (directory / "train-00005.bin").unlink()
-    corrupted = bytearray((directory / "train-00002.bin").read_bytes())
-    corrupted[-20] ^= 0xFF
-    (directory / "train-00002.bin").write_bytes(bytes(corrupted))
-    # A valid shard of the same tokenizer and size, but of other documents, under task 0's name.
-    (directory / "train-00003.bin").write_bytes((directory / "train-00000.bin").read_bytes())
-    with pytest.raises(ShardError) as broken:
-        run("merge")
-    message = str(broken.value)
-    assert "task 2: train-00002.bin is invalid" in message and "checksum" in message
-    assert "train-00005.bin is missing" in message
-    assert "task 0: train-00003.bin holds other documents" in message
-    assert "re-run task(s) 0, 2 " in message and "task 1:" not in message
-
-    before = _files(_array_config(tmp_path, dirty_corpus, tokenizer_dir, 0))
-    run(0)
-    run(2)
-    after = _files(_array_config(tmp_path, dirty_corpus, tokenizer_dir, 0))
-    assert {n for n in after if n not in before or after[n][0] != before[n][0]} == {
-        "train-00002.bin",
-        "train-00003.bin",
-        "train-00005.bin",
-    }, "re-running a task rebuilds only its missing or bad shards"
-    run("merge")
-    assert _visible_files(_array_config(tmp_path, dirty_corpus, tokenizer_dir, 0)) == _visible_files(
-        single_process
-    )
-
-
-def test_merge_refuses_tasks_that_read_different_documents(tmp_path, corpus, tokenizer_dir):
-    path, texts = corpus
-    for task in range(ARRAY_TASKS):
-        if task == 2:
-            _write_corpus(path, [*texts[:100], "an edited document", *texts[101:]])
-        prepare(_array_config(tmp_path, path, tokenizer_dir, task))
-    with pytest.raises(ShardError, match="task 2: read other documents than task 0") as error:
-        prepare(_array_config(tmp_path, path, tokenizer_dir, "merge"))
-    assert "re-run task(s) 0, 1, 2 " in str(error.value)
-
-
-def test_rerunning_a_task_or_the_merge_is_idempotent(tmp_path, dirty_corpus, tokenizer_dir, single_process):
-    def run(task):
-        return prepare(_array_config(tmp_path, dirty_corpus, tokenizer_dir, task))
-
-    records = [run(task)["web"] for task in range(ARRAY_TASKS)]
-    manifest = run("merge")["web"]
-    cfg = _array_config(tmp_path, dirty_corpus, tokenizer_dir, 0)
-    directory = Path(cfg.data.shards_dir) / "web"
-    before = _files(cfg)
-    # An interrupted earlier run of task 1 and one of task 2 left temporary files behind.
-    (directory / ".train-00001.bin.crashed.tmp").write_bytes(b"partial")
-    (directory / ".train-00002.bin.crashed.tmp").write_bytes(b"partial")
-    assert run(1)["web"] == records[1]
-    assert not (directory / ".train-00001.bin.crashed.tmp").exists(), "a task removes its own leftovers"
-    assert (directory / ".train-00002.bin.crashed.tmp").exists(), "and never another task's"
-    assert _files(cfg) == before, "a re-run task must not rewrite any shard"
-    assert run("merge")["web"] == manifest
-    assert run("merge")["web"] == manifest
-    assert _files(cfg) == before
-    assert _visible_files(cfg) == _visible_files(single_process)
-    assert not [p for p in directory.iterdir() if ".tmp" in p.name], "the merge removes every leftover"
-    assert len(list(directory.glob(".prepare-task-*-of-3.json"))) == ARRAY_TASKS
-
-    # A single-process prepare over an array's output keeps every shard and drops the task records.
-    prepare(_config(tmp_path, dirty_corpus, tokenizer_dir, "data.docs_per_shard=20"))
-    assert _files(cfg) == before
-    assert not list(directory.glob(".prepare-task-*"))
-
-
-def test_tasks_of_an_array_run_side_by_side(tmp_path, dirty_corpus, tokenizer_dir, monkeypatch):
-    """Both tasks must be inside their build at once: a lock that serialised them would break the barrier."""
-    barrier = threading.Barrier(2, timeout=60)
-    real_finish = shard_builder.SourceBuilder.finish
-
-    def finish_together(self):
-        barrier.wait()
-        real_finish(self)
-
-    monkeypatch.setattr(shard_builder.SourceBuilder, "finish", finish_together)
-    # One worker: no process pool, which must not be forked from a process with several threads.
-    configs = [
-        _config(
-            tmp_path,
-            dirty_corpus,
-            tokenizer_dir,
-            "data.num_workers=1",
-            f"++prepare.task_index={task}",
-            "++prepare.num_tasks=2",
-        )
-        for task in range(2)
-    ]
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(prepare, configs))
-    assert [r["web"]["task_index"] for r in results] == [0, 1]
-    monkeypatch.undo()
-    merged = prepare(
-        _config(tmp_path, dirty_corpus, tokenizer_dir, "++prepare.merge=true", "++prepare.num_tasks=2")
-    )
-    assert merged["web"]["splits"]["train"]["docs"] + merged["web"]["splits"]["val"]["docs"] == 250
-
-
-def test_merge_after_a_one_task_array_checks_the_manifest_that_task_wrote(tmp_path, corpus, tokenizer_dir):
-    """PREPARE_TASKS=1: the one task is a whole prepare; the merge only checks that it finished."""
-    path, _ = corpus
-    merge = ("++prepare.merge=true", "++prepare.num_tasks=1")
-    with pytest.raises(ShardError, match=r"nothing to merge with prepare\.num_tasks=1: .*no manifest"):
-        prepare(_config(tmp_path, path, tokenizer_dir, *merge))
-    manifest = prepare(
-        _config(tmp_path, path, tokenizer_dir, "++prepare.task_index=0", "++prepare.num_tasks=1")
-    )
-    assert prepare(_config(tmp_path, path, tokenizer_dir, *merge)) == manifest
