@@ -90,8 +90,9 @@ class HFEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward_backward(self, batch: dict[str, torch.Tensor], *, last: bool) -> torch.Tensor:
         """One micro-batch; Hugging Face shifts the labels itself, so the unshifted input ids are the labels."""
+        self.engine.set_gradient_accumulation_boundary(last)
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
         loss = self.engine(input_ids=input_ids, labels=input_ids).loss
         self.engine.backward(loss)

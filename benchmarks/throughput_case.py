@@ -149,7 +149,7 @@ def step_function(engine: Any, batches: list[dict[str, Any]], causal_only: bool)
     """One optimizer step over the micro-batches; `causal_only` calls our model without document ids."""
 
     def trainer_step():
-        return [engine.forward_backward(b) for b in batches][-1]
+        return [engine.forward_backward(b, last=i == len(batches) - 1) for i, b in enumerate(batches)][-1]
 
     def causal_step():  # TrainingEngine.forward_backward always passes document ids; same calls otherwise
         for b in batches:

@@ -209,13 +209,19 @@ class TrainingEngine:
             group["lr"] = lr
 
     # -- training -----------------------------------------------------------------------------------------
-    def forward_backward(self, batch: dict[str, torch.Tensor], poison: bool = False) -> torch.Tensor:
+    def forward_backward(
+        self, batch: dict[str, torch.Tensor], *, last: bool, poison: bool = False
+    ) -> torch.Tensor:
         """One micro-batch: forward, loss, backward, and DeepSpeed's step, which applies the optimizer only at
-        the gradient-accumulation boundary (the last micro-batch of the global batch).
+        the gradient-accumulation boundary: `last`, the final micro-batch of the global batch.
+
+        The boundary is set explicitly rather than left to DeepSpeed's micro-step counter: that counter is not
+        restored from checkpoints, and when the batch grows it would fall out of step with the global batch.
 
         A non-finite gradient norm makes DeepSpeed skip the optimizer step and drop the gradients, leaving the
         optimizer state unchanged; `poison` (a fault drill) turns the loss into NaN to exercise that path.
         """
+        self.engine.set_gradient_accumulation_boundary(last)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         loss = self.engine(
             batch["input_ids"],

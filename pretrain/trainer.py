@@ -148,9 +148,10 @@ class Trainer:
         rank_batch = self.loader.next_batch(batch_tokens // self.seq_len)
         poison = self.drills.poison_loss(self.state.step + 1)
         skipped_before = self.engine.skipped_steps
+        micro_batches = split_micro_batches(rank_batch, cfg.train.micro_batch_size)
         losses = [
-            self.engine.forward_backward(mb, poison=poison)
-            for mb in split_micro_batches(rank_batch, cfg.train.micro_batch_size)
+            self.engine.forward_backward(mb, last=i == len(micro_batches) - 1, poison=poison)
+            for i, mb in enumerate(micro_batches)
         ]
         assert len(losses) == gas, (len(losses), gas)
         grad_norm = self.engine.last_grad_norm()

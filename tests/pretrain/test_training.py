@@ -93,18 +93,23 @@ def test_finished_run_exits_zero_without_training(straight_run, debug_artifacts)
     assert (run_dir / "metrics.jsonl").read_text() == before
 
 
-def test_kill_and_resume_gives_bitwise_identical_losses(straight_run, debug_artifacts, tmp_path):
-    """SIGKILL rank 0 after step 23 (checkpoint at 20), resume: steps 21-40 (across growth at 26) are equal."""
+@pytest.mark.parametrize("checkpoint_every", [10, 7])
+def test_kill_and_resume_gives_bitwise_identical_losses(
+    straight_run, debug_artifacts, tmp_path, checkpoint_every
+):
+    """SIGKILL rank 0 after step 23, resume from the last checkpoint (step 20, or the odd step 21): every step,
+    across the batch growth at step 26, equals the uninterrupted run."""
     runs = tmp_path / "runs"
     cmd = [
         sys.executable, "-m", "pretrain", "+experiment=debug",
         f"paths.artifacts={debug_artifacts}", f"paths.runs={runs}",
+        f"train.checkpoint_every_steps={checkpoint_every}",
     ]  # fmt: skip
     env = dict(os.environ, **{KILL_AT_STEP: "23"})
     killed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode != 0
     assert max(step_losses(runs / "debug")) == 23
-    run_pretrain(debug_artifacts, runs)
+    run_pretrain(debug_artifacts, runs, f"train.checkpoint_every_steps={checkpoint_every}")
     resumed = [m["step"] for m in read_metrics(runs / "debug") if "train/loss" in m]
     assert resumed == list(range(1, 41)), "a step is missing or duplicated in the log"
     assert step_losses(runs / "debug") == step_losses(straight_run[0])
