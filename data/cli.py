@@ -3,32 +3,43 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
 from data.config import DataPipelineConfig, register_data_configs
 from data.log import setup_logging
 
+T = TypeVar("T", bound=Any)
+
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 register_data_configs()
 
 
-def typed_data_config(cfg: DictConfig) -> DataPipelineConfig:
-    """Resolve interpolations, convert to dataclasses, validate, and set up logging."""
+def to_config(cfg: DictConfig, cls: type[T]) -> T:
+    """Resolve interpolations, convert to the dataclass `cls`, validate, and set up logging."""
     config = OmegaConf.to_object(cfg)
-    assert isinstance(config, DataPipelineConfig), type(config)
+    assert isinstance(config, cls), type(config)
     config.validate()
     setup_logging(config.log_level)
     return config
 
 
-def compose_data_config(overrides: list[str] | None = None) -> DataPipelineConfig:
-    """Compose `conf/data_pipeline.yaml` with overrides outside `@hydra.main` (tests, benchmarks, the trainer)."""
+def compose_conf(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose a primary config of `conf/` with overrides outside `@hydra.main` (tests, tools, benchmarks)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="data_pipeline", overrides=list(overrides or []))
-    return typed_data_config(cfg)
+        return compose(config_name=config_name, overrides=list(overrides or []))
+
+
+def typed_data_config(cfg: DictConfig) -> DataPipelineConfig:
+    return to_config(cfg, DataPipelineConfig)
+
+
+def compose_data_config(overrides: list[str] | None = None) -> DataPipelineConfig:
+    """`conf/data_pipeline.yaml` with overrides (tests, benchmarks, the trainer)."""
+    return to_config(compose_conf("data_pipeline", overrides), DataPipelineConfig)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from data.log import get_logger, setup_logging
+from data.cli import compose_conf, to_config
+from data.log import get_logger
 from pretrain.config import PretrainConfig, register_configs
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = get_logger(__name__)
 
 register_configs()
@@ -17,22 +17,12 @@ register_configs()
 
 def typed_pretrain_config(cfg: DictConfig) -> PretrainConfig:
     """Resolve, convert to dataclasses and validate before any process group exists."""
-    config = OmegaConf.to_object(cfg)
-    assert isinstance(config, PretrainConfig), type(config)
-    config.validate()
-    setup_logging(config.log_level)
-    return config
+    return to_config(cfg, PretrainConfig)
 
 
 def compose_pretrain_config(overrides: list[str] | None = None) -> PretrainConfig:
     """`conf/config.yaml` with overrides, outside `@hydra.main` (tests, tools)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides or []))
-    return typed_pretrain_config(cfg)
+    return to_config(compose_conf("config", overrides), PretrainConfig)
 
 
 def load_run_config(run_dir: str | Path) -> PretrainConfig:

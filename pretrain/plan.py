@@ -21,8 +21,9 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from data.cli import compose_conf, to_config
 from data.config import ConfigError
-from pretrain.app import CONF_DIR, typed_pretrain_config
+from pretrain.app import typed_pretrain_config
 from pretrain.config import PretrainConfig, register_configs
 from pretrain.engine import batch_layout
 from pretrain.memory_model import MemoryEstimate, ParamInventory, Strategy, zero3_memory
@@ -139,15 +140,7 @@ register_plan_configs()
 
 def compose_plan_config(overrides: list[str] | None = None) -> PlanConfig:
     """`conf/plan.yaml` with overrides, outside `@hydra.main` (tests, benchmarks)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="plan", overrides=list(overrides or []))
-    config = typed_pretrain_config(cfg)
-    assert isinstance(config, PlanConfig), type(config)
-    return config
+    return to_config(compose_conf("plan", overrides), PlanConfig)
 
 
 @dataclass

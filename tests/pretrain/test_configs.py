@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from data.cli import CONF_DIR
 from data.config import ConfigError
-from pretrain.app import CONF_DIR, compose_pretrain_config
+from pretrain.app import compose_pretrain_config
 from pretrain.engine import batch_layout, deepspeed_config
 from pretrain.model import Transformer
 
