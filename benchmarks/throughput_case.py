@@ -168,14 +168,14 @@ def run_case(spec: dict[str, Any], result_path: Path) -> None:
 
     from data.log import get_logger
     from pretrain import engine as eng
-    from pretrain.metrics import memory_gib, peak_tflops
-    from pretrain.model import flops_per_token
+    from pretrain.metrics import memory_gib
 
     log = get_logger("benchmarks.throughput_case")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = compose_case_config(spec["experiment"], spec["overrides"], spec["grad_accum"], world)
     env = eng.init_distributed(cfg.deepspeed.timeout_minutes)
     cuda = torch.cuda.is_available()
+    clean = False
     try:
         torch.manual_seed(cfg.train.seed)
         engine, parameters, extra = build_engine(spec, cfg, env)
@@ -205,39 +205,61 @@ def run_case(spec: dict[str, Any], result_path: Path) -> None:
         memory = [memory_gib()] * world
         if dist.is_initialized():
             dist.all_gather_object(memory, memory_gib())
-        if not env.is_main:
-            return
-        fpt = flops_per_token(cfg.model, seq_len)
-        timed = times[spec["warmup"] :]
-        result = {
-            **{k: spec[k] for k in ("name", "impl", "experiment", "overrides", "documents", "compile")},
-            **shape_of(cfg, spec["grad_accum"], env.world_size),
-            **extra,
-            "device": torch.cuda.get_device_name() if cuda else "cpu",
-            "attention": attention_path(cfg, spec["impl"], spec["documents"], cuda),
-            "zero_stage": cfg.deepspeed.zero_stage,
-            "precision": cfg.deepspeed.precision,
-            "parameters": parameters,
-            "flops_per_token": fpt,
-            "tokens_per_step": cfg.train.global_batch_tokens,
-            "warmup": spec["warmup"],
-            "steps": spec["steps"],
-            "warmup_step_times_s": times[: spec["warmup"]],
-            "step_times_s": timed,
-            **throughput_figures(
-                timed,
-                cfg.train.global_batch_tokens,
-                fpt,
-                env.world_size,
-                peak_tflops(cfg.logging.peak_tflops),
-            ),
-            "memory_gib": {key.split("/")[-1]: max(m[key] for m in memory) for key in memory[0]},
-            "loss_first": losses[0],
-            "loss_last": losses[-1],
-        }
-        result_path.write_text(json.dumps(result, indent=1) + "\n")
+        if env.is_main:
+            write_result(spec, cfg, env, extra, parameters, times, losses, memory, result_path)
+        clean = True
     finally:
-        eng.shutdown()
+        eng.shutdown(clean=clean)
+
+
+def write_result(
+    spec: dict[str, Any],
+    cfg: Any,
+    env: Any,
+    extra: dict[str, Any],
+    parameters: int,
+    times: list[float],
+    losses: list[float],
+    memory: list[dict[str, float]],
+    result_path: Path,
+) -> None:
+    """Rank 0: the case's figures, with the timed steps split from the warm-up ones, as JSON."""
+    import torch
+
+    from pretrain.metrics import peak_tflops
+    from pretrain.model import flops_per_token
+
+    cuda = torch.cuda.is_available()
+    seq_len = cfg.data.packing.seq_len
+    fpt = flops_per_token(cfg.model, seq_len)
+    timed = times[spec["warmup"] :]
+    result = {
+        **{k: spec[k] for k in ("name", "impl", "experiment", "overrides", "documents", "compile")},
+        **shape_of(cfg, spec["grad_accum"], env.world_size),
+        **extra,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "attention": attention_path(cfg, spec["impl"], spec["documents"], cuda),
+        "zero_stage": cfg.deepspeed.zero_stage,
+        "precision": cfg.deepspeed.precision,
+        "parameters": parameters,
+        "flops_per_token": fpt,
+        "tokens_per_step": cfg.train.global_batch_tokens,
+        "warmup": spec["warmup"],
+        "steps": spec["steps"],
+        "warmup_step_times_s": times[: spec["warmup"]],
+        "step_times_s": timed,
+        **throughput_figures(
+            timed,
+            cfg.train.global_batch_tokens,
+            fpt,
+            env.world_size,
+            peak_tflops(cfg.logging.peak_tflops),
+        ),
+        "memory_gib": {key.split("/")[-1]: max(m[key] for m in memory) for key in memory[0]},
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+    }
+    result_path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

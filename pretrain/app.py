@@ -58,7 +58,7 @@ def run_rank(config: PretrainConfig) -> None:
     from pretrain.trainer import Trainer
 
     env = eng.init_distributed(config.deepspeed.timeout_minutes)
-    trainer = None
+    trainer, clean = None, False
     try:
         if env.is_main:
             prepare_data(config)
@@ -69,7 +69,8 @@ def run_rank(config: PretrainConfig) -> None:
             text = trainer.sample(config.train.sample_prompt, config.train.sample_tokens)
             if env.is_main:
                 log.info("sample:\n%s", text)
+        clean = True
     finally:
         if trainer is not None:
             trainer.close()
-        eng.shutdown()
+        eng.shutdown(clean=clean)

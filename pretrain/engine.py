@@ -322,6 +322,25 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
+def shutdown(*, clean: bool = True) -> None:
+    """Leave the process group while the interpreter is still whole.
+
+    On a clean exit every rank first meets at a barrier, so no rank closes its sockets while a peer is still
+    talking to it (after a failure a barrier would only wait out the collective timeout, so it is skipped).
+    DeepSpeed's own destroy also drops the group handles it keeps in module globals, and the collection
+    that follows frees the gloo/NCCL groups now. Left to interpreter finalization, a gloo group's worker
+    threads can abort a rank that finished its work ("terminate called without an active exception").
+    """
+    import gc
+
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    import deepspeed.comm as ds_comm
+
+    if ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
+    gc.collect()
