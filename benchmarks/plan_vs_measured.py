@@ -74,9 +74,11 @@ LEAN_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 EMPTY_RANK = """
 import os, resource, sys, torch, deepspeed, torch.distributed as dist
+from pretrain.engine import shutdown
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 dist.barrier()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+shutdown()
 """
 
 

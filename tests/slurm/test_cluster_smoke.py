@@ -159,13 +159,13 @@ def test_pretrain_script_runs_one_rank_per_task_with_a_shared_rendezvous(
 PROCESS_GROUP_CHECK = """
 import torch
 import torch.distributed as dist
-from pretrain.engine import init_distributed
+from pretrain.engine import init_distributed, shutdown
 
 env = init_distributed(1)
 total = torch.tensor([env.rank + 1.0])
 dist.all_reduce(total)
 print(f"rank {env.rank} of {env.world_size}: sum {total.item()}", flush=True)
-dist.destroy_process_group()
+shutdown()
 """
 
 
