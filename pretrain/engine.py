@@ -6,6 +6,7 @@ a DeepSpeed key.
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from dataclasses import dataclass
@@ -331,14 +332,12 @@ def shutdown(*, clean: bool = True) -> None:
     that follows frees the gloo/NCCL groups now. Left to interpreter finalization, a gloo group's worker
     threads can abort a rank that finished its work ("terminate called without an active exception").
     """
-    import gc
+    import deepspeed.comm as ds_comm
 
     if not dist.is_initialized():
         return
     if clean:
-        dist.barrier()
-    import deepspeed.comm as ds_comm
-
+        barrier()
     if ds_comm.is_initialized():
         ds_comm.destroy_process_group()
     else:
