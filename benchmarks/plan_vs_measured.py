@@ -95,7 +95,7 @@ def ranks() -> int:
 
 
 def predicted_bytes(overrides: list[str], world: int, device: str) -> dict[str, Any]:
-    from pretrain.app import compose_pretrain_config
+    from pretrain.config import compose_pretrain_config
     from pretrain.memory_model import ParamInventory, Strategy, zero3_memory
 
     cfg = compose_pretrain_config(overrides)
@@ -165,7 +165,8 @@ def main() -> None:
 
 def run(args: argparse.Namespace, work: Path) -> None:
 
-    from pretrain.app import compose_pretrain_config, prepare_data
+    from data.prepare import ensure_data
+    from pretrain.config import compose_pretrain_config
 
     device = "cuda" if on_cuda() else "cpu"
     world = ranks()
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     common = ["+experiment=debug", f"paths.artifacts={artifacts}", *SHAPE, *RUN]
     if device == "cpu":
         common.append(f"train.local_processes={world}")
-    prepare_data(compose_pretrain_config(common))
+    ensure_data(compose_pretrain_config(common).data_pipeline())
 
     rows = {}
     for i, (case, extra) in enumerate(CASES.items()):

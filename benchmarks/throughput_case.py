@@ -36,7 +36,7 @@ def normalize_override(override: str) -> str:
 
 def compose_case_config(experiment: str, overrides: list[str], grad_accum: int, world_size: int) -> Any:
     """The trainer's composed config for one case, with a global batch of exactly `grad_accum` micro-batches."""
-    from pretrain.app import compose_pretrain_config
+    from pretrain.config import compose_pretrain_config
 
     base = [f"+experiment={experiment}"] if experiment else []
     base += [normalize_override(o) for o in overrides]

@@ -225,9 +225,6 @@ class DataPipelineConfig:
 
 
 def register_data_configs() -> None:
-    """Store the schemas so that `conf/` yaml files (`defaults: [_schema]`) are typed."""
-    cs = ConfigStore.instance()
-    cs.store(group="tokenizer", name="_schema", node=TokenizerConfig)
-    cs.store(group="data", name="_schema", node=DataConfig)
-    cs.store(group="paths", name="_schema", node=PathsConfig)
-    cs.store(name="_data_pipeline_schema", node=DataPipelineConfig)
+    """Store the primary schema: the group yaml files in `conf/` merge onto its typed nodes, so a misspelt key
+    or a wrong type fails at composition."""
+    ConfigStore.instance().store(name="_data_pipeline_schema", node=DataPipelineConfig)

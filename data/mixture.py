@@ -30,6 +30,7 @@ import numpy as np
 
 from data.config import ConfigError, DataConfig
 from data.log import get_logger
+from data.manifest import load_split
 from data.packing import (
     ConcatDocumentStore,
     DocumentStore,
@@ -39,7 +40,6 @@ from data.packing import (
     pack_concat,
     pack_documents,
 )
-from data.shards import load_split
 
 if TYPE_CHECKING:
     from data.tokenizer import TokenizerInfo

@@ -32,18 +32,15 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from data.atomic_io import atomic_write_json
 from data.cli import typed_data_config
 from data.config import DataPipelineConfig, PrepareConfig, SourceConfig
 from data.log import get_logger, progress_enabled
+from data.manifest import read_manifest, source_manifest, why_stale, write_manifest
 from data.prepare_tasks import (
-    MANIFEST_FORMAT,
     REJECTS_NAME,
     is_task_file,
     merged_manifest,
     shard_owner,
-    source_config_key,
-    source_manifest,
     task_lock_path,
     task_record_path,
     what_was_read,
@@ -51,25 +48,10 @@ from data.prepare_tasks import (
 )
 from data.rejects import RejectLog
 from data.shard_builder import SourceBuilder, text_digest
-from data.shards import SPLITS, ShardError, manifest_path, read_manifest
+from data.shards import SPLITS, ShardError
 from data.sources import iter_documents
-from data.tokenize_pool import Encoder, encode_documents
-from data.tokenizer import TokenizerInfo, load_tokenizer
-
-__all__ = [
-    "MANIFEST_FORMAT",
-    "Encoder",
-    "encode_documents",
-    "ensure_shards",
-    "main",
-    "merge_source",
-    "prepare",
-    "prepare_source",
-    "source_config_key",
-    "split_of",
-    "text_digest",
-    "why_prepare",
-]
+from data.tokenize_pool import Encoder
+from data.tokenizer import TokenizerInfo, ensure_tokenizer, load_tokenizer
 
 log = get_logger("data.prepare")  # not __name__: it is "__main__" under `python -m`
 
@@ -212,7 +194,7 @@ def prepare_source(
         else:
             splits = {split: builder.split_summary(split) for split in SPLITS}
             result = source_manifest(cfg, source, info, splits, rejects.summary())
-            atomic_write_json(manifest_path(cfg.data.shards_dir, source.name), result)
+            write_manifest(cfg.data.shards_dir, source.name, result)
             _remove_leftovers(out_dir, keep={e["file"] for s in splits.values() for e in s["shards"]})
     _log_source(cfg, source, builder, rejects, seconds)
     return result
@@ -258,14 +240,14 @@ def merge_source(cfg: DataPipelineConfig, source: SourceConfig, info: TokenizerI
     out_dir = Path(cfg.data.shards_dir) / source.name
     with _locked(out_dir):
         if num_tasks == 1:  # the one task was a whole prepare and wrote the manifest itself
-            reason = _why_source(cfg, source, info.fingerprint)
+            reason = why_stale(cfg, source, info.fingerprint)
             if reason is not None:
                 raise ShardError(
                     f"nothing to merge with prepare.num_tasks=1: {reason}; run the prepare first"
                 )
             return read_manifest(cfg.data.shards_dir, source.name)
         manifest = merged_manifest(cfg, source, info)
-        atomic_write_json(manifest_path(cfg.data.shards_dir, source.name), manifest)
+        write_manifest(cfg.data.shards_dir, source.name, manifest)
         records = {task_record_path(out_dir, i, num_tasks).name for i in range(num_tasks)}
         listed = {e["file"] for split in manifest["splits"].values() for e in split["shards"]}
         _remove_leftovers(out_dir, keep=listed | records)  # records stay, so the merge can run again
@@ -320,29 +302,10 @@ def prepare(cfg: DataPipelineConfig) -> dict[str, dict]:
         encoder.close()
 
 
-def _why_source(cfg: DataPipelineConfig, source: SourceConfig, fingerprint: str) -> str | None:
-    try:
-        manifest = read_manifest(cfg.data.shards_dir, source.name)
-    except ShardError as error:
-        return str(error).split(";")[0]
-    where = manifest_path(cfg.data.shards_dir, source.name)
-    if manifest.get("format") != MANIFEST_FORMAT:
-        return f"{where} has manifest format {manifest.get('format')}, this code writes {MANIFEST_FORMAT}"
-    if manifest["tokenizer_fingerprint"] != fingerprint:
-        return f"{where} was made with another tokenizer ({manifest['tokenizer_fingerprint'][:12]})"
-    if manifest.get("config") != source_config_key(cfg, source):
-        return f"{where} was made with another source config ({manifest.get('config')})"
-    for split in manifest["splits"].values():
-        for entry in split["shards"]:
-            if not (where.parent / entry["file"]).is_file():
-                return f"{where.parent / entry['file']} is missing"
-    return None
-
-
 def why_prepare(cfg: DataPipelineConfig, fingerprint: str) -> str | None:
     """Why the shards must be (re)built, or None when every manifest is complete and matches the config."""
     for source in cfg.data.sources.values():
-        reason = _why_source(cfg, source, fingerprint)
+        reason = why_stale(cfg, source, fingerprint)
         if reason is not None:
             return reason
     return None
@@ -361,6 +324,12 @@ def ensure_shards(cfg: DataPipelineConfig) -> None:
         return
     log.info("preparing shards: %s", reason)
     prepare(cfg)
+
+
+def ensure_data(cfg: DataPipelineConfig) -> None:
+    """Every missing stage before training: the tokenizer, then the shards; both reused when up to date."""
+    ensure_tokenizer(cfg)
+    ensure_shards(cfg)
 
 
 @hydra.main(config_path="../conf", config_name="data_pipeline", version_base="1.3")

@@ -27,7 +27,6 @@ same record, and re-running the merge writes the same manifest again.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -35,11 +34,10 @@ from typing import Any, NoReturn
 
 from data.atomic_io import atomic_write_json
 from data.config import DataPipelineConfig, PrepareConfig, SourceConfig
-from data.shard_builder import split_summary
-from data.shards import SPLITS, ShardError, open_shard, shard_name, token_dtype
+from data.manifest import shard_entry, source_config_key, source_manifest, split_summary
+from data.shards import SPLITS, ShardError, open_shard, shard_name
 from data.tokenizer import TokenizerInfo
 
-MANIFEST_FORMAT = 1
 TASK_RECORD_FORMAT = 1
 REJECTS_NAME = "rejects.jsonl"
 _TASK_FILE = re.compile(r"\.prepare-task-\d+(-of-\d+\.json|\.lock)")
@@ -69,44 +67,6 @@ def _rerun_hint(tasks: list[int], num_tasks: int) -> str:
         f"re-run task(s) {which} (`python -m data.prepare <the same overrides> ++prepare.task_index=<i> "
         f"++prepare.num_tasks={num_tasks}`), then the merge"
     )
-
-
-# ----------------------------------------------------------------------------------------------- manifests
-
-
-def source_config_key(cfg: DataPipelineConfig, source: SourceConfig) -> dict[str, Any]:
-    """What decides a source's shards besides the tokenizer (the mixture weight does not)."""
-    described = dataclasses.asdict(source)
-    described.pop("weight", None)
-    return {
-        "source": described,
-        "docs_per_shard": cfg.data.docs_per_shard,
-        "val_fraction": cfg.data.val_fraction,
-        "max_doc_chars": cfg.data.max_doc_chars,
-    }
-
-
-def source_manifest(
-    cfg: DataPipelineConfig,
-    source: SourceConfig,
-    info: TokenizerInfo,
-    splits: dict[str, dict[str, Any]],
-    rejects: dict[str, Any],
-) -> dict[str, Any]:
-    """The manifest of one source, from its split summaries and rejects summary."""
-    return {
-        "format": MANIFEST_FORMAT,
-        "source": source.name,
-        "data": cfg.data.name,
-        "tokenizer_fingerprint": info.fingerprint,
-        "tokenizer_dir": str(info.dir),
-        "vocab_size": info.vocab_size,
-        "eos_id": info.eos_id,
-        "dtype": token_dtype(info.vocab_size).name,
-        "splits": splits,
-        "rejects": rejects,
-        "config": source_config_key(cfg, source),
-    }
 
 
 # ----------------------------------------------------------------------------------------------- task records
@@ -225,14 +185,13 @@ def _check_shard(
     path: Path, info: TokenizerInfo, docs: int, digest: str
 ) -> tuple[dict[str, Any], str | None]:
     """The shard's manifest entry, and what is wrong with it (None when it holds exactly the expected docs)."""
-    entry: dict[str, Any] = {"file": path.name}
     if not path.exists():
-        return entry, "is missing"
+        return {"file": path.name}, "is missing"
     try:
         shard = open_shard(path, expected_fingerprint=info.fingerprint)
     except ShardError as error:
-        return entry, f"is invalid: {error}"
-    entry.update(docs=shard.n_docs, tokens=shard.n_tokens, checksum=shard.checksum)
+        return {"file": path.name}, f"is invalid: {error}"
+    entry = shard_entry(shard)
     if shard.vocab_size != info.vocab_size:
         return entry, f"has vocab size {shard.vocab_size}, the tokenizer {info.vocab_size}"
     if shard.n_docs != docs or shard.source_digest != digest:

@@ -1,7 +1,9 @@
 """The rejects list: every bad record is skipped, counted by reason and listed, never silently dropped.
 
-DESIGN contract 6. Each line of a rejects file is {"source", "location", "reason"[, "detail"]}, where the
-location is a file and line, a file and row, or a hub row, so a person can find the record.
+Dirty input must neither crash a long run nor vanish unnoticed: a record that cannot be used is skipped, and
+the count per reason goes into the manifest or meta file so a person can see how much was lost and why. Each
+line of a rejects file is {"source", "location", "reason"[, "detail"]}, where the location is a file and line,
+a file and row, or a hub row, so the record can be found and fixed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
+from data.atomic_io import FILE_MODE
 from data.log import get_logger
 
 log = get_logger(__name__)
@@ -46,7 +49,7 @@ class RejectLog:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp_name = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent)
-            os.fchmod(fd, 0o644)  # mkstemp makes it private; the list is for people to read
+            os.fchmod(fd, FILE_MODE)  # mkstemp makes it private; the list is for people to read
             self._tmp_path = Path(tmp_name)
             # backslashreplace: a file name that is not UTF-8 (surrogate-escaped) must not fail the write
             self._file = os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace")

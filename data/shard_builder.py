@@ -24,7 +24,9 @@ import numpy as np
 
 from data.config import DataPipelineConfig, SourceConfig
 from data.log import get_logger
-from data.shards import SPLITS, Shard, ShardError, ShardWriter, open_shard, shard_name, shard_path
+from data.manifest import shard_entry, split_summary
+from data.shard_writer import ShardWriter
+from data.shards import SPLITS, Shard, ShardError, documents_digest, open_shard, shard_path
 from data.tokenize_pool import BATCH_CHARS, BATCH_DOCS, JOBS_IN_FLIGHT_PER_WORKER, Encoder
 from data.tokenizer import TokenizerInfo
 
@@ -34,11 +36,6 @@ log = get_logger("data.prepare")
 def text_digest(data: bytes) -> int:
     """A 64-bit digest of a document's UTF-8 text, stored per document in its shard."""
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
-
-
-def documents_digest(digests: list[int]) -> str:
-    """What a shard of documents with these text digests has as `source_digest` in its header (hex)."""
-    return hashlib.blake2b(np.asarray(digests, dtype="<u8").tobytes(), digest_size=16).hexdigest()
 
 
 @dataclass
@@ -186,12 +183,7 @@ class SourceBuilder:
             return
         if plan.existing is not None:
             if plan.n_docs == plan.existing.n_docs:
-                self.entries[plan.split][plan.index] = {
-                    "file": plan.path.name,
-                    "docs": plan.existing.n_docs,
-                    "tokens": plan.existing.n_tokens,
-                    "checksum": plan.existing.checksum,
-                }
+                self.entries[plan.split][plan.index] = shard_entry(plan.existing)
                 self.reused_shards += 1
                 return
             self._diverge(plan, plan.n_docs)
@@ -207,7 +199,7 @@ class SourceBuilder:
         self.docs_done += len(lengths)
         if job.closes_shard:
             stats = plan.writer.close()
-            self.entries[plan.split][plan.index] = stats.manifest_entry()
+            self.entries[plan.split][plan.index] = shard_entry(stats)
             self.built_shards += 1
 
     def abort(self) -> None:
@@ -222,15 +214,3 @@ class SourceBuilder:
     def split_summary(self, split: str) -> dict[str, Any]:
         """The manifest's entry for one split; every shard of it must have been built here."""
         return split_summary(self.out_dir, split, self.entries[split])
-
-
-def split_summary(out_dir: Path, split: str, entries: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """A split's part of the manifest, from the manifest entries of its shards by index."""
-    ordered = [entries[i] for i in sorted(entries)]
-    if [e["file"] for e in ordered] != [shard_name(split, i) for i in range(len(ordered))]:
-        raise RuntimeError(f"{out_dir}: shards of split {split} are not contiguous: {ordered}")
-    return {
-        "docs": sum(e["docs"] for e in ordered),
-        "tokens": sum(e["tokens"] for e in ordered),
-        "shards": ordered,
-    }

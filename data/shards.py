@@ -1,4 +1,4 @@
-"""Validated, immutable token shards: one binary file per group of documents, and a manifest per source.
+"""The token shard format and its reader: one validated, immutable binary file per group of documents.
 
 A shard is a fixed header, the token ids of its documents (EOS included), the document offsets, then a digest
 of each document's source text:
@@ -15,27 +15,22 @@ Readers check the header, the file size and (on first open) a CRC-32 of everythi
 truncated, corrupted or foreign file, or one made with another tokenizer, fails with a `ShardError` that names
 the file, never with garbage tokens. CRC-32 is used because it is the fastest checksum in the standard library
 here (about 2.3 GB/s against 1.6 for sha256 and 1.0 for blake2b); it guards against corruption, not tampering.
-Every file is written to a temporary name in the same directory, fsync'd, then renamed, so a crash never leaves
-a half-written file under a real name.
+Shards are written by `data.shard_writer` (to a temporary name, fsync'd, then renamed, so a crash never leaves a
+half-written file under a real name); which shards make up a source is its manifest's business (`data.manifest`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-
-from data.atomic_io import FILE_MODE, fsync_dir
 
 MAGIC = b"LLMSHRD\x00"
 FORMAT_VERSION = 1
@@ -47,7 +42,6 @@ HEADER_CRC_AT = HEADER_SIZE - 4
 DTYPE_CODES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
 _CODE_OF = {np.dtype("<u2"): 1, np.dtype("<u4"): 2}
 SPLITS = ("train", "val")
-MANIFEST_NAME = "manifest.json"
 PREPARE_HINT = "run `python -m data.prepare data=<data> tokenizer=<tokenizer>` with the run's config"
 _CHECKSUM_CHUNK = 64 << 20
 
@@ -59,27 +53,8 @@ class ShardError(Exception):
     """A shard or manifest is missing, truncated, corrupted, foreign, or made with another tokenizer."""
 
 
-@dataclass(frozen=True)
-class ShardStats:
-    """What `ShardWriter.close` / `write_shard` wrote: enough for the manifest."""
-
-    path: Path
-    n_docs: int
-    n_tokens: int
-    dtype: str
-    checksum: str
-    source_digest: str
-
-    def manifest_entry(self) -> dict[str, Any]:
-        return {
-            "file": self.path.name,
-            "docs": self.n_docs,
-            "tokens": self.n_tokens,
-            "checksum": self.checksum,
-        }
-
-
 def shard_name(split: str, index: int) -> str:
+    """`<split>-<index:05d>.bin`: zero-padded, so names sort in shard order."""
     return f"{split}-{index:05d}.bin"
 
 
@@ -93,31 +68,29 @@ def token_dtype(vocab_size: int, max_id: int = -1) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 65536 and max_id < 65536 else np.dtype("<u4")
 
 
-def _padded(nbytes: int) -> int:
+def padded(nbytes: int) -> int:
+    """Sections after the tokens start 8-byte aligned, so offsets and digests can be memory-mapped."""
     return (nbytes + 7) // 8 * 8
 
 
 def _expected_size(dtype: np.dtype, n_docs: int, n_tokens: int) -> int:
-    return HEADER_SIZE + _padded(n_tokens * dtype.itemsize) + (n_docs + 1) * 8 + n_docs * 8
+    return HEADER_SIZE + padded(n_tokens * dtype.itemsize) + (n_docs + 1) * 8 + n_docs * 8
+
+
+def documents_digest(digests: np.ndarray | Sequence[int]) -> str:
+    """The header's digest of a shard's document digests (hex): one value that says which texts it holds."""
+    return hashlib.blake2b(np.asarray(digests, dtype="<u8").tobytes(), digest_size=16).hexdigest()
 
 
 def format_checksum(crc: int) -> str:
+    """The checksum as manifests and error messages spell it (names the algorithm, should it ever change)."""
     return f"crc32:{crc:08x}"
 
 
-# ----------------------------------------------------------------------------------------------- writing
-
-
-def _check_fingerprint_format(path: Path, fingerprint: str) -> None:
-    if len(fingerprint) != 64 or any(c not in "0123456789abcdef" for c in fingerprint):
-        raise ValueError(
-            f"{path}: tokenizer fingerprint must be 64 lowercase hex characters, got {fingerprint!r}"
-        )
-
-
-def _pack_header(
+def pack_header(
     dtype: np.dtype, vocab_size: int, fingerprint: str, digest: bytes, n_docs: int, n_tokens: int, crc: int
 ) -> bytes:
+    """The 128-byte header, its own CRC-32 in the last 4 bytes (so a flipped header byte is caught cheaply)."""
     header = _HEADER.pack(
         MAGIC,
         FORMAT_VERSION,
@@ -132,141 +105,8 @@ def _pack_header(
     return header + struct.pack("<I", zlib.crc32(header))
 
 
-class ShardWriter:
-    """Streams the documents of one shard to a temporary file; `close()` commits it under its real name.
-
-    Tokens go to disk as they arrive, so memory does not grow with the shard; only the document lengths are
-    kept. The header is written last (over a zeroed placeholder), then the file is fsync'd and renamed.
-    """
-
-    def __init__(self, path: str | Path, *, vocab_size: int, fingerprint: str) -> None:
-        self.path = Path(path)
-        _check_fingerprint_format(self.path, fingerprint)
-        self.vocab_size = vocab_size
-        self.fingerprint = fingerprint
-        self.dtype = token_dtype(vocab_size)
-        self.n_tokens = 0
-        self._lengths: list[np.ndarray] = []
-        self._digests: list[np.ndarray] = []
-        self._crc = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.fchmod(fd, FILE_MODE)
-        self._tmp = Path(tmp)
-        self._file = os.fdopen(fd, "wb")
-        self._file.write(b"\x00" * HEADER_SIZE)
-
-    @property
-    def n_docs(self) -> int:
-        return sum(len(lengths) for lengths in self._lengths)
-
-    def add(
-        self,
-        tokens: np.ndarray,
-        lengths: np.ndarray | Sequence[int] | None = None,
-        digests: np.ndarray | Sequence[int] | None = None,
-    ) -> None:
-        """Append documents: `tokens` holds them back to back, `lengths` their sizes (default: one document),
-        `digests` a uint64 digest of each one's text (default 0, unknown)."""
-        tokens = np.asarray(tokens)
-        lengths = np.array([len(tokens)] if lengths is None else lengths, dtype=np.int64)
-        if int(lengths.sum()) != len(tokens) or (len(lengths) and int(lengths.min()) < 0):
-            raise ValueError(f"{self.path}: document lengths must be >= 0 and sum to {len(tokens)} tokens")
-        digests = np.zeros(len(lengths), "<u8") if digests is None else np.asarray(digests, dtype="<u8")
-        if digests.shape != lengths.shape:
-            raise ValueError(f"{self.path}: {len(digests)} digests for {len(lengths)} documents")
-        if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
-            raise ValueError(
-                f"{self.path}: token ids must lie in [0, {self.vocab_size}) for vocab size {self.vocab_size}, "
-                f"got min {int(tokens.min())} max {int(tokens.max())}"
-            )
-        data = np.ascontiguousarray(tokens, dtype=self.dtype)
-        self._file.write(memoryview(data).cast("B"))
-        self._crc = zlib.crc32(data, self._crc)
-        self.n_tokens += len(data)
-        self._lengths.append(lengths)
-        self._digests.append(digests)
-
-    def close(self) -> ShardStats:
-        """Write offsets, digests and header, fsync, and rename into place."""
-        try:
-            lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int64)
-            digests = np.concatenate(self._digests) if self._digests else np.zeros(0, dtype="<u8")
-            source_digest = hashlib.blake2b(digests.tobytes(), digest_size=16).digest()
-            offsets = np.zeros(len(lengths) + 1, dtype="<i8")
-            np.cumsum(lengths, out=offsets[1:])
-            token_bytes = self.n_tokens * self.dtype.itemsize
-            padding = b"\x00" * (_padded(token_bytes) - token_bytes)
-            self._file.write(padding)
-            self._file.write(offsets.tobytes())
-            self._file.write(digests.tobytes())
-            crc = zlib.crc32(digests, zlib.crc32(offsets, zlib.crc32(padding, self._crc)))
-            n_docs = len(lengths)
-            self._file.seek(0)
-            self._file.write(
-                _pack_header(
-                    self.dtype, self.vocab_size, self.fingerprint, source_digest, n_docs, self.n_tokens, crc
-                )
-            )
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self._tmp, self.path)
-        except BaseException:
-            self.abort()
-            raise
-        fsync_dir(self.path.parent)
-        return ShardStats(
-            self.path, n_docs, self.n_tokens, self.dtype.name, format_checksum(crc), source_digest.hex()
-        )
-
-    def abort(self) -> None:
-        """Drop the temporary file (the real name is never touched)."""
-        if not self._file.closed:
-            self._file.close()
-        self._tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None:
-            self.abort()
-
-
-def write_shard(
-    path: str | Path,
-    docs: Sequence[np.ndarray] | None = None,
-    *,
-    tokens: np.ndarray | None = None,
-    doc_offsets: np.ndarray | None = None,
-    vocab_size: int,
-    fingerprint: str,
-    doc_digests: np.ndarray | Sequence[int] | None = None,
-) -> ShardStats:
-    """Write one shard atomically from a list of per-document id arrays, or from `tokens` + `doc_offsets`.
-
-    Ids must lie in [0, vocab_size); uint16 is used iff vocab_size <= 65536 (so every id < 65536), else uint32.
-    `doc_digests` (uint64 per document) identify the texts the documents were made from.
-    """
-    path = Path(path)
-    if (docs is None) == (tokens is None):
-        raise ValueError("write_shard takes either `docs` or `tokens` + `doc_offsets`")
-    if docs is not None:
-        lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-        tokens = np.concatenate(docs) if len(docs) else np.zeros(0, dtype=np.int64)
-    else:
-        if doc_offsets is None:
-            raise ValueError(f"{path}: write_shard with `tokens` needs `doc_offsets`")
-        offsets = np.asarray(doc_offsets, dtype=np.int64)
-        _check_offsets(path, offsets, len(tokens))
-        lengths = np.diff(offsets)
-    with ShardWriter(path, vocab_size=vocab_size, fingerprint=fingerprint) as writer:
-        writer.add(tokens, lengths, doc_digests)
-        return writer.close()
-
-
-def _check_offsets(path: Path, offsets: np.ndarray, n_tokens: int) -> None:
+def check_offsets(path: Path, offsets: np.ndarray, n_tokens: int) -> None:
+    """Offsets must cover the tokens exactly and never go back, or `Shard.doc` would return garbage."""
     if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != n_tokens:
         raise ShardError(f"{path}: document offsets must start at 0 and end at n_tokens={n_tokens}")
     if len(offsets) > 1 and bool(np.any(np.diff(offsets) < 0)):
@@ -278,6 +118,8 @@ def _check_offsets(path: Path, offsets: np.ndarray, n_tokens: int) -> None:
 
 @dataclass(frozen=True)
 class ShardHeader:
+    """A shard's header fields, as `read_header` found and checked them."""
+
     version: int
     dtype: np.dtype
     vocab_size: int
@@ -334,6 +176,7 @@ def read_header(path: str | Path) -> ShardHeader:
 
 
 def check_fingerprint(path: Path, found: str, expected: str | None) -> None:
+    """Ids from another tokenizer are valid numbers with the wrong meaning: refuse them (None: do not check)."""
     if expected is not None and found != expected:
         raise ShardError(
             f"{path}: shards were made with tokenizer {found[:16]}…, config uses {expected[:16]}…: "
@@ -381,7 +224,7 @@ class Shard:
 
     def doc_digests(self) -> np.ndarray:
         """The uint64 digest of each document's source text (read on demand; only `data.prepare` needs it)."""
-        at = HEADER_SIZE + _padded(self.n_tokens * self.tokens.dtype.itemsize) + (self.n_docs + 1) * 8
+        at = HEADER_SIZE + padded(self.n_tokens * self.tokens.dtype.itemsize) + (self.n_docs + 1) * 8
         return np.fromfile(self.path, dtype="<u8", count=self.n_docs, offset=at)
 
     def __len__(self) -> int:
@@ -409,7 +252,7 @@ def open_shard(
             )
         _VERIFIED.add(key)
     tokens_at = HEADER_SIZE
-    offsets_at = HEADER_SIZE + _padded(header.n_tokens * header.dtype.itemsize)
+    offsets_at = HEADER_SIZE + padded(header.n_tokens * header.dtype.itemsize)
     if header.n_tokens:
         tokens = np.memmap(path, dtype=header.dtype, mode="r", offset=tokens_at, shape=(header.n_tokens,))
     else:
@@ -417,64 +260,7 @@ def open_shard(
     offsets = np.fromfile(path, dtype="<i8", count=header.n_docs + 1, offset=offsets_at)
     offsets.flags.writeable = False
     try:
-        _check_offsets(path, offsets, header.n_tokens)
+        check_offsets(path, offsets, header.n_tokens)
     except ShardError as e:
         raise ShardError(f"{e}; the file is corrupted: delete it and {PREPARE_HINT}") from None
     return Shard(path, header, tokens, offsets)
-
-
-# ----------------------------------------------------------------------------------------------- manifests
-
-
-def manifest_path(shards_dir: str | Path, source: str) -> Path:
-    return Path(shards_dir) / source / MANIFEST_NAME
-
-
-def read_manifest(shards_dir: str | Path, source: str) -> dict[str, Any]:
-    """The manifest of one source; a clear error when it is missing or unreadable."""
-    path = manifest_path(shards_dir, source)
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ShardError(f"{path}: no manifest for source {source!r}; {PREPARE_HINT}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardError(f"{path}: unreadable manifest ({e}); {PREPARE_HINT}") from None
-    if not isinstance(manifest, dict) or "splits" not in manifest or "tokenizer_fingerprint" not in manifest:
-        raise ShardError(f"{path}: manifest lacks 'splits' or 'tokenizer_fingerprint'; {PREPARE_HINT}")
-    return manifest
-
-
-def load_split(
-    shards_dir: str | Path,
-    source: str,
-    split: str,
-    *,
-    expected_fingerprint: str | None,
-    verify_checksum: bool = True,
-) -> list[Shard]:
-    """Open every shard of one split of one source, in order, as listed by its manifest."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    manifest = read_manifest(shards_dir, source)
-    mpath = manifest_path(shards_dir, source)
-    check_fingerprint(mpath, manifest["tokenizer_fingerprint"], expected_fingerprint)
-    entries = manifest["splits"].get(split, {"shards": []})["shards"]
-    shards = []
-    for entry in entries:
-        shard = open_shard(
-            mpath.parent / entry["file"],
-            expected_fingerprint=expected_fingerprint,
-            verify_checksum=verify_checksum,
-        )
-        if (shard.n_docs, shard.n_tokens, shard.checksum) != (
-            entry["docs"],
-            entry["tokens"],
-            entry["checksum"],
-        ):
-            raise ShardError(
-                f"{shard.path}: does not match its manifest entry in {mpath} (docs/tokens/checksum "
-                f"{shard.n_docs}/{shard.n_tokens}/{shard.checksum} vs {entry['docs']}/{entry['tokens']}/"
-                f"{entry['checksum']}); {PREPARE_HINT}"
-            )
-        shards.append(shard)
-    return shards

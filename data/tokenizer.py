@@ -33,6 +33,7 @@ import tokenizers
 from omegaconf import DictConfig
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from data.atomic_io import atomic_write_bytes, atomic_write_json, replace_dir
 from data.cli import typed_data_config
 from data.config import ConfigError, DataPipelineConfig, TokenizerConfig
 from data.log import get_logger, progress_enabled
@@ -226,12 +227,12 @@ def train_tokenizer(cfg: DataPipelineConfig) -> TokenizerInfo:
         _check_special_ids(tokenizer, tcfg)
         tokenizer_json = tokenizer.to_str(pretty=True).encode("utf-8")
         fingerprint = hashlib.sha256(tokenizer_json).hexdigest()
-        _write_bytes(tmp / "tokenizer.json", tokenizer_json)
-        _write_json(tmp / "tokenizer_config.json", _transformers_config(tcfg))
-        _write_json(tmp / "special_tokens_map.json", _special_tokens_map(tcfg))
+        atomic_write_bytes(tmp / "tokenizer.json", [tokenizer_json])
+        atomic_write_json(tmp / "tokenizer_config.json", _transformers_config(tcfg))
+        atomic_write_json(tmp / "special_tokens_map.json", _special_tokens_map(tcfg))
         meta = _meta(cfg, tokenizer, fingerprint, mixture, rejects, seconds)
-        _write_json(tmp / "meta.json", meta)
-        _replace_dir(tmp, target)
+        atomic_write_json(tmp / "meta.json", meta)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -312,34 +313,6 @@ def _meta(
             "datasets": datasets.__version__,
         },
     }
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    _write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move `tmp` to `target`; an old `target` is moved aside first and restored if the move fails."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_meta(directory: Path) -> dict[str, Any]:

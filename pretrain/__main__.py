@@ -7,8 +7,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pretrain.app import run_rank, typed_pretrain_config
-from pretrain.launch import default_local_processes, spawn_local, under_launcher
+from data.prepare import ensure_data
+from pretrain.app import run_rank
+from pretrain.config import typed_pretrain_config
+from pretrain.launch import accept_launcher_arguments, default_local_processes, spawn_local, under_launcher
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -17,13 +19,12 @@ def main(cfg: DictConfig) -> None:
     if under_launcher():
         run_rank(config)
         return
-    from pretrain.app import prepare_data
-
-    prepare_data(config)
+    ensure_data(config.data_pipeline())
     code = spawn_local(default_local_processes(config.train.local_processes), sys.argv[1:])
     if code:
         sys.exit(code)
 
 
 if __name__ == "__main__":
+    accept_launcher_arguments()
     main()

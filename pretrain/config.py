@@ -1,4 +1,4 @@
-"""Typed configs of the trainer, registered with Hydra's ConfigStore as schemas.
+"""Typed configs of the trainer, registered with Hydra's ConfigStore as schemas, and how they are composed.
 
 `PretrainConfig` is the whole run: the data pipeline's configs (paths, tokenizer, data) plus the model, the
 optimizer, the DeepSpeed engine, the schedules, logging and checkpoints. `validate()` runs before any process
@@ -10,16 +10,115 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 
-from data.config import DataConfig, PathsConfig, TokenizerConfig, register_data_configs, require
-from pretrain.model import ModelConfig
+from data.cli import compose_conf, to_config
+from data.config import (
+    ConfigError,
+    DataConfig,
+    DataPipelineConfig,
+    PathsConfig,
+    TokenizerConfig,
+    register_data_configs,
+    require,
+)
+from pretrain.batching import schedule_layouts
+from pretrain.schedule import BatchSchedule
+
+__all__ = ["ConfigError", "require"]  # pretrain modules take both from here
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+
+# Weight and compute dtypes by the one spelling every command accepts; the long names are aliases.
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def dtype_name(name: str, key: str) -> str:
+    """The canonical dtype name (fp32, bf16, fp16) for `name` or one of its long aliases."""
+    canonical = DTYPE_ALIASES.get(name, name)
+    require(canonical in DTYPES, key, f"must be one of {sorted(DTYPES)}, got {name!r}")
+    return canonical
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of the model; `validate()` names the offending key."""
+
+    name: str = "tiny"
+    vocab_size: int = 32000
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    # Key/value heads for grouped-query attention; None means n_heads (multi-head attention).
+    n_kv_heads: int | None = None
+    # Hidden width of the SwiGLU block, given explicitly (LLaMA-2-7B: 11008).
+    ffn_dim: int = 688
+    max_seq_len: int = 256
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    # Linear position interpolation: position p is rotated as p / rope_scaling (1.0 = off).
+    rope_scaling: float = 1.0
+    # Multiplier on rope_base ("NTK-style" base scaling for long contexts; 1.0 = off).
+    rope_base_scaling: float = 1.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    # "auto": FlexAttention for packed batches on CUDA, SDPA with a boolean mask otherwise. "flex" forces
+    # FlexAttention (on CPU it is forward-only, for tests); "sdpa" always builds the [B, 1, T, T] mask.
+    attention: str = "auto"
+    # Rows of logits upcast to fp32 at a time in the loss (0 = all at once).
+    loss_chunk_size: int = 2048
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def validate(self, key: str = "model") -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+            require(
+                getattr(self, name) >= 1,
+                f"{key}.{name}",
+                f"must be a positive integer, got {getattr(self, name)}",
+            )
+        require(
+            self.dim % self.n_heads == 0,
+            f"{key}.n_heads",
+            f"must divide {key}.dim ({self.dim} % {self.n_heads} != 0)",
+        )
+        require(self.head_dim % 2 == 0, f"{key}.n_heads", f"{key}.dim / {key}.n_heads must be even for RoPE")
+        require(
+            self.kv_heads >= 1,
+            f"{key}.n_kv_heads",
+            f"must be a positive integer or null, got {self.n_kv_heads}",
+        )
+        require(
+            self.n_heads % self.kv_heads == 0,
+            f"{key}.n_kv_heads",
+            f"must divide {key}.n_heads ({self.n_heads} % {self.kv_heads} != 0)",
+        )
+        for name in ("norm_eps", "rope_base", "rope_scaling", "rope_base_scaling", "init_std"):
+            require(getattr(self, name) > 0, f"{key}.{name}", f"must be positive, got {getattr(self, name)}")
+        require(
+            self.attention in ATTENTION_BACKENDS,
+            f"{key}.attention",
+            f"must be one of {ATTENTION_BACKENDS}, got {self.attention!r}",
+        )
+        require(
+            self.loss_chunk_size >= 0,
+            f"{key}.loss_chunk_size",
+            "must be >= 0 (0 computes the loss in one piece)",
+        )
 
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay, all measured in tokens (DESIGN contract 3)."""
+    """AdamW with linear warmup then cosine decay, measured in tokens so that batch growth leaves it in place."""
 
     lr: float = 3e-4
     # The LR decays to min_lr_ratio * lr at the end of training.
@@ -186,26 +285,40 @@ class PretrainConfig:
             "data.packing.seq_len",
             f"{seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
         )
-        for key in ("global_batch_tokens", "start_batch_tokens"):
-            tokens = getattr(self.train, key)
-            require(
-                tokens % seq_len == 0,
-                f"train.{key}",
-                f"{tokens} is not a multiple of data.packing.seq_len={seq_len}",
-            )
+        # Every batch size must at least divide on one rank; the world size is checked again at start.
+        schedule_layouts(self.batch_schedule().sizes(), seq_len, self.train.micro_batch_size, world_size=1)
+
+    def batch_schedule(self) -> BatchSchedule:
+        return BatchSchedule(
+            self.train.global_batch_tokens, self.train.start_batch_tokens, self.train.batch_ramp_tokens
+        )
 
     @property
     def run_dir(self) -> str:
         return f"{self.paths.runs}/{self.train.run_name}"
 
+    def data_pipeline(self) -> DataPipelineConfig:
+        """The data commands' view of this run: the same paths, tokenizer and corpus."""
+        return DataPipelineConfig(
+            paths=self.paths, tokenizer=self.tokenizer, data=self.data, log_level=self.log_level
+        )
+
 
 def register_configs() -> None:
-    """Store every schema so that yaml files in `conf/` (`defaults: [_schema]`) are typed."""
+    """Store the primary schema: every group's yaml in `conf/` merges onto its typed node, so a misspelt key or a
+    wrong type fails at composition (and `--help` lists only real options)."""
     register_data_configs()
-    cs = ConfigStore.instance()
-    cs.store(group="model", name="_schema", node=ModelConfig)
-    cs.store(group="optim", name="_schema", node=OptimConfig)
-    cs.store(group="deepspeed", name="_schema", node=DeepSpeedConfig)
-    cs.store(group="train", name="_schema", node=TrainConfig)
-    cs.store(group="logging", name="_schema", node=LoggingConfig)
-    cs.store(name="_pretrain_schema", node=PretrainConfig)
+    ConfigStore.instance().store(name="_pretrain_schema", node=PretrainConfig)
+
+
+register_configs()
+
+
+def typed_pretrain_config(cfg: DictConfig) -> PretrainConfig:
+    """Resolve, convert to dataclasses and validate, before any process group exists."""
+    return to_config(cfg, PretrainConfig)
+
+
+def compose_pretrain_config(overrides: list[str] | None = None) -> PretrainConfig:
+    """`conf/config.yaml` with overrides, outside `@hydra.main` (tests, tools, benchmarks)."""
+    return to_config(compose_conf("config", overrides), PretrainConfig)

@@ -16,9 +16,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data.config import ConfigError
+from data.loader import IGNORE_INDEX
 from data.log import get_logger
+from pretrain.batching import BatchLayout
 from pretrain.config import PretrainConfig
+from pretrain.launch import cpu_threads_per_rank
 from pretrain.model import Transformer
 
 log = get_logger(__name__)
@@ -40,10 +42,6 @@ class DistEnv:
         return self.rank == 0
 
 
-def device_type() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def init_distributed(timeout_minutes: float) -> DistEnv:
     """Join the process group that the launcher (ours, torchrun, deepspeed or srun) described in the env."""
     import deepspeed
@@ -63,6 +61,9 @@ def init_distributed(timeout_minutes: float) -> DistEnv:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
+    else:
+        torch.set_num_threads(cpu_threads_per_rank())
+        log.info("%d ranks on CPU, %d threads per rank", env.world_size, torch.get_num_threads())
     if not dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend=backend, timeout=timedelta(minutes=timeout_minutes), verbose=False
@@ -70,28 +71,9 @@ def init_distributed(timeout_minutes: float) -> DistEnv:
     return env
 
 
-def batch_layout(
-    global_tokens: int, seq_len: int, micro_batch: int, world_size: int, key: str
-) -> tuple[int, int]:
-    """Global batch in sequences and gradient-accumulation steps, or an error naming the key that does not divide."""
-    if global_tokens % seq_len:
-        raise ConfigError(
-            f"{key}: {global_tokens} tokens is not a multiple of data.packing.seq_len={seq_len}"
-        )
-    sequences = global_tokens // seq_len
-    per_step = micro_batch * world_size
-    if sequences % per_step:
-        raise ConfigError(
-            f"{key}: {sequences} sequences per global batch do not divide into train.micro_batch_size={micro_batch}"
-            f" x world size {world_size}; make the batch a multiple of {per_step * seq_len} tokens"
-        )
-    return sequences, sequences // per_step
-
-
-def deepspeed_config(cfg: PretrainConfig, global_sequences: int, world_size: int) -> dict[str, Any]:
-    """DeepSpeed's JSON config, generated from the Hydra config."""
+def deepspeed_config(cfg: PretrainConfig, layout: BatchLayout) -> dict[str, Any]:
+    """DeepSpeed's JSON config, generated from the Hydra config, for the batch `layout`."""
     ds = cfg.deepspeed
-    micro = cfg.train.micro_batch_size
     zero: dict[str, Any] = {
         "stage": ds.zero_stage,
         "overlap_comm": ds.overlap_comm,
@@ -112,9 +94,9 @@ def deepspeed_config(cfg: PretrainConfig, global_sequences: int, world_size: int
     if ds.offload_param == "cpu":
         zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     config: dict[str, Any] = {
-        "train_batch_size": global_sequences,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": global_sequences // (micro * world_size),
+        "train_batch_size": layout.sequences,
+        "train_micro_batch_size_per_gpu": layout.micro_batch,
+        "gradient_accumulation_steps": layout.accumulation,
         "gradient_clipping": cfg.optim.grad_clip,
         "bf16": {"enabled": ds.precision == "bf16"},
         "zero_optimization": zero,
@@ -160,20 +142,12 @@ def build_optimizer(cfg: PretrainConfig, groups: list[dict]) -> torch.optim.Opti
 class TrainingEngine:
     """A DeepSpeed engine over the model, with the few operations the trainer needs."""
 
-    def __init__(self, cfg: PretrainConfig, env: DistEnv, initial_batch_tokens: int):
+    def __init__(self, cfg: PretrainConfig, env: DistEnv, layout: BatchLayout):
         import deepspeed
 
         self.cfg = cfg
         self.env = env
-        self.seq_len = cfg.data.packing.seq_len
-        sequences, _ = batch_layout(
-            initial_batch_tokens,
-            self.seq_len,
-            cfg.train.micro_batch_size,
-            env.world_size,
-            "train.start_batch_tokens",
-        )
-        self.ds_config = deepspeed_config(cfg, sequences, env.world_size)
+        self.ds_config = deepspeed_config(cfg, layout)
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=cfg.deepspeed.zero_stage == 3):
             model = Transformer(cfg.model)
         if cfg.deepspeed.activation_checkpointing:
@@ -188,22 +162,10 @@ class TrainingEngine:
         self.device = torch.device(self.engine.device)
 
     # -- batch and LR -------------------------------------------------------------------------------------
-    def set_global_batch_tokens(self, tokens: int) -> int:
-        """Resize the global batch through DeepSpeed; returns the gradient-accumulation steps now in force."""
-        sequences, gas = batch_layout(
-            tokens,
-            self.seq_len,
-            self.cfg.train.micro_batch_size,
-            self.env.world_size,
-            "train.global_batch_tokens",
-        )
-        if sequences != self.engine.train_batch_size():
-            self.engine.set_train_batch_size(sequences)
-        return gas
-
-    @property
-    def gradient_accumulation_steps(self) -> int:
-        return self.engine.gradient_accumulation_steps()
+    def set_batch(self, layout: BatchLayout) -> None:
+        """Resize the global batch through DeepSpeed (its accumulation steps follow)."""
+        if layout.sequences != self.engine.train_batch_size():
+            self.engine.set_train_batch_size(layout.sequences)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -258,7 +220,7 @@ class TrainingEngine:
             labels=batch["labels"],
         )
         self.engine.train()
-        count = int((batch["labels"] != -100).sum())
+        count = int((batch["labels"] != IGNORE_INDEX).sum())
         return float(loss) * count, count
 
     def local_parameter_count(self) -> tuple[int, int]:

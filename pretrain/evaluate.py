@@ -1,43 +1,38 @@
-"""Held-out perplexity of a checkpoint, overall and per source: `python -m pretrain.evaluate <run or checkpoint>`.
+"""Held-out perplexity of a checkpoint, overall and per source: `python -m pretrain.evaluate runs/<name>`.
 
-One process, no DeepSpeed engine: the ZeRO shards are consolidated into fp32 weights (`pretrain.export`) and
-loaded into our own `Transformer`, on CUDA when available (bf16 autocast, as in training) or on CPU (fp32).
+One process, no DeepSpeed engine: the ZeRO shards are consolidated into fp32 weights (`pretrain.checkpoint`)
+and loaded into our own `Transformer`, on CUDA when available (bf16 autocast, as in training) or on CPU (fp32).
 
 By default it scores the same sequences the trainer's `val/<source>/loss` covers: the first
-`train.eval_batches` global batches of each source's own validation split (the world size comes from the run's
-`model_summary.json`), and "overall" is their token-weighted mean, like the trainer's `val/loss`. `--batches`
-and `--sequences` (per source; 0 = the whole split) change that.
+`train.eval_batches` global batches of each source's own validation split (of the world size that wrote the
+checkpoint), and "overall" is their token-weighted mean, like the trainer's `val/loss`. `batches=N` and
+`sequences=N` (per source; 0 = the whole split) change that.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import MISSING
 
-from data.config import ConfigError
+from data.atomic_io import atomic_write_text
 from data.loader import IGNORE_INDEX, collate
-from data.log import get_logger, setup_logging
+from data.log import get_logger
 from data.mixture import MixtureDataset
-from data.tokenizer import TokenizerError, load_tokenizer
-from pretrain.export import ExportError, find_checkpoint, load_model, run_config
+from data.tokenizer import load_tokenizer
+from pretrain.checkpoint import load_trained
+from pretrain.cli import hydra_command
+from pretrain.config import require
 from pretrain.model import Transformer
 
 log = get_logger(__name__)
-
-
-def trainer_world_size(run_dir: Path) -> int:
-    """How many ranks trained the run (recorded by the trainer), 1 when unknown."""
-    try:
-        return int(json.loads((run_dir / "model_summary.json").read_text())["world_size"])
-    except (OSError, ValueError, KeyError):
-        return 1
 
 
 @torch.no_grad()
@@ -81,19 +76,17 @@ def evaluate(
     micro_batch_size: int | None = None,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """Loss and perplexity of a run's newest committed checkpoint (or the given one) on a split, per source too.
+    """Loss and perplexity of a run's newest usable checkpoint (or the given one) on a split, per source too.
 
     `sequences` (0 = the whole split) wins over `batches` (default `train.eval_batches`) global batches of
     `train.micro_batch_size * world_size` sequences. `micro_batch_size` is the rows per forward pass (default
     `train.micro_batch_size`); it changes memory and speed, not the result.
     """
-    checkpoint = find_checkpoint(path)
-    cfg = run_config(checkpoint)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    world = trainer_world_size(checkpoint.run_dir)
+    model, cfg, checkpoint = load_trained(path, dev)
+    world = max(1, checkpoint.world_size)
     _, info = load_tokenizer(cfg.tokenizer.dir)
     data = MixtureDataset.from_tokenizer(cfg.data, info, split=split)
-    model = load_model(checkpoint, cfg, dev)
     micro = micro_batch_size or cfg.train.micro_batch_size
     eval_batches = cfg.train.eval_batches if batches is None else batches
     log.info("scoring %s on the %s split (%s)", checkpoint.path, split, dev)
@@ -156,52 +149,52 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m pretrain.evaluate",
-        description="Held-out loss and perplexity of a checkpoint, overall and per source. The table goes to "
-        "stderr, the JSON report to stdout (or --out).",
+@dataclass
+class EvaluateConfig:
+    """`python -m pretrain.evaluate`: which run or checkpoint, which split, and how much of it."""
+
+    # A run directory (its newest usable committed checkpoint) or one checkpoint directory.
+    run: str = MISSING
+    split: str = "val"
+    # Global batches to score per source (default: the run's train.eval_batches).
+    batches: int | None = None
+    # Sequences per source; wins over `batches` (0 = the whole split).
+    sequences: int | None = None
+    # Rows per forward pass (default: the run's train.micro_batch_size).
+    micro_batch: int | None = None
+    # cpu, cuda or cuda:N (default: cuda when available).
+    device: str | None = None
+    # Write the JSON report here instead of stdout.
+    out: str | None = None
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        require(self.split in ("val", "train"), "split", f"must be 'val' or 'train', got {self.split!r}")
+        for key in ("batches", "sequences", "micro_batch"):
+            value = getattr(self, key)
+            require(value is None or value >= 0, key, f"must be >= 0, got {value}")
+
+
+def _run(config: EvaluateConfig) -> dict[str, Any]:
+    report = evaluate(
+        config.run,
+        split=config.split,
+        batches=config.batches,
+        sequences=config.sequences,
+        micro_batch_size=config.micro_batch,
+        device=config.device,
     )
-    parser.add_argument(
-        "path", help="a run directory (newest committed checkpoint) or one checkpoint directory"
-    )
-    parser.add_argument("--split", default="val", choices=("val", "train"))
-    parser.add_argument(
-        "--batches", type=int, default=None, help="global batches to score (default: train.eval_batches)"
-    )
-    parser.add_argument(
-        "--sequences", type=int, default=None, help="sequences per set; overrides --batches (0 = whole split)"
-    )
-    parser.add_argument(
-        "--micro-batch",
-        type=int,
-        default=None,
-        help="rows per forward pass (default: train.micro_batch_size)",
-    )
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--out", default=None, help="write the JSON report to this file instead of stdout")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    try:
-        report = evaluate(
-            args.path,
-            split=args.split,
-            batches=args.batches,
-            sequences=args.sequences,
-            micro_batch_size=args.micro_batch,
-            device=args.device,
-        )
-    except (ExportError, ConfigError, TokenizerError, FileNotFoundError) as err:
-        parser.exit(2, f"error: {err}\n")
     sys.stderr.write(format_table(report) + "\n")
     text = json.dumps(report, indent=2) + "\n"
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    if config.out:
+        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(config.out), text)
     else:
         sys.stdout.write(text)
+    return report
 
+
+main = hydra_command("evaluate", EvaluateConfig, _run)
 
 if __name__ == "__main__":
     main()

@@ -1,19 +1,15 @@
-"""A trained checkpoint as a Hugging Face Llama directory: `python -m pretrain.export <run or checkpoint>`.
+"""A trained checkpoint as a Hugging Face Llama directory: `python -m pretrain.export runs/<name> [out=DIR]`.
 
 The ZeRO-3 shards are consolidated on CPU into one fp32 state dict by DeepSpeed's own `zero_to_fp32` (no process
-group, no GPU), renamed to Hugging Face's Llama names and written as `model.safetensors` next to a `config.json`,
-a `generation_config.json` and the run's tokenizer files. `transformers.LlamaForCausalLM.from_pretrained(dir)` and
-`AutoTokenizer.from_pretrained(dir)` then load it, and so does anything built on them (lm-evaluation-harness,
-vLLM). The config is written as plain JSON so that exporting never needs transformers installed.
-
-`load_model` gives the same consolidated weights in our own `pretrain.model.Transformer`, for evaluation.
+group, no GPU; `pretrain.checkpoint`), renamed to Hugging Face's Llama names and written as `model.safetensors`
+next to a `config.json`, a `generation_config.json` and the run's tokenizer files.
+`transformers.LlamaForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)` then load it, and
+so does anything built on them (lm-evaluation-harness, vLLM). The config is written as plain JSON so that
+exporting never needs transformers installed.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import os
 import re
 import shutil
@@ -22,18 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import MISSING
 
-from data.config import ConfigError
-from data.log import get_logger, setup_logging
-from data.tokenizer import TokenizerError, load_tokenizer
-from pretrain.app import load_run_config
-from pretrain.checkpoint import MARKER, STATE_FILE
-from pretrain.config import PretrainConfig
-from pretrain.model import ModelConfig, Transformer
+from data.atomic_io import atomic_write_json, replace_dir
+from data.log import get_logger
+from data.tokenizer import load_tokenizer
+from pretrain.checkpoint import CheckpointError, check_state_dict, newest_weights
+from pretrain.cli import hydra_command
+from pretrain.config import DTYPES, ModelConfig, dtype_name
 
 log = get_logger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # Our parameter names -> Hugging Face Llama's (inside `model.`); the rest of each name is the same.
@@ -46,91 +41,8 @@ _LAYER_RENAMES = (
 _LAYER_NAME = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
-class ExportError(RuntimeError):
-    """A checkpoint or run directory that cannot be exported, with what to do about it."""
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A committed checkpoint and the run it belongs to."""
-
-    run_dir: Path
-    path: Path
-
-    @property
-    def tag(self) -> str:
-        return self.path.name
-
-    @property
-    def step(self) -> int:
-        return int(json.loads((self.path / STATE_FILE).read_text())["step"])
-
-
-def committed_checkpoints(run_dir: str | Path) -> list[Path]:
-    """The run's committed checkpoints, oldest first; reading only, so no ranks and no barrier are involved."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file())
-
-
-def find_checkpoint(path: str | Path) -> Checkpoint:
-    """A run directory (its newest committed checkpoint) or one checkpoint directory (which must be committed)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ExportError(
-            f"{path} is not a directory; pass a run directory (runs/<name>) or one of its checkpoints"
-        )
-    if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
-        done = committed_checkpoints(path)
-        if not done:
-            raise ExportError(
-                f"{path} has no committed checkpoint under {path / 'checkpoints'}; train longer or wait for the "
-                f"first save (train.checkpoint_every_steps)"
-            )
-        return Checkpoint(run_dir=path, path=done[-1])
-    if not (path / MARKER).is_file():
-        raise ExportError(
-            f"checkpoint {path} is not committed (no {MARKER} marker): its save was interrupted or is still "
-            f"running, so its shards may be incomplete. Pass the run directory ({path.parent.parent}) to use the "
-            f"newest committed checkpoint"
-        )
-    return Checkpoint(run_dir=path.parent.parent, path=path)
-
-
-def consolidate(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
-    """The fp32 master weights of every rank's ZeRO shards as one state dict on CPU (DeepSpeed's utility)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    log.info("consolidating %s", checkpoint.path)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # it prints progress; stdout stays for our results
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.path.parent), tag=checkpoint.tag)
-    except Exception as err:
-        raise ExportError(
-            f"DeepSpeed could not consolidate {checkpoint.path}: {type(err).__name__}: {err}. Export reads ZeRO "
-            f"stage 1-3 checkpoints written by `python -m pretrain`; an older committed checkpoint may still work"
-        ) from err
-    return dict(state)
-
-
-def check_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
-    """Fail with the differing names and shapes when the weights do not fit the run's model config."""
-    with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in Transformer(cfg).state_dict().items()}
-    if cfg.tie_embeddings:
-        expected.pop("lm_head.weight")
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    got = {name: tuple(t.shape) for name, t in state.items()}
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    wrong = sorted(n for n in set(expected) & set(got) if expected[n] != got[n])
-    if missing or unexpected or wrong:
-        shapes = [f"{n}: {got[n]} != {expected[n]}" for n in wrong[:5]]
-        raise ExportError(
-            f"the checkpoint's weights do not match the run's model config ({cfg.name}): missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, wrong shapes {shapes}; was config.yaml edited after training?"
-        )
+class ExportError(CheckpointError):
+    """A checkpoint that cannot be exported as asked, with what to do about it."""
 
 
 def hf_name(name: str) -> str:
@@ -209,25 +121,12 @@ def generation_config(bos_id: int, eos_id: int, pad_id: int) -> dict:
     return {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move a finished directory into place; an older export at `target` is removed only after the swap."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_hf_model(
     out_dir: str | Path,
     state: dict[str, torch.Tensor],
     cfg: ModelConfig,
     tokenizer_dir: str | Path,
-    dtype: str = "float32",
+    dtype: str = "fp32",
 ) -> Path:
     """Write `state` (our names, as `Transformer.state_dict()` or the consolidation gives) as an HF Llama dir.
 
@@ -236,8 +135,8 @@ def write_hf_model(
     """
     from safetensors.torch import save_file
 
-    if dtype not in DTYPES:
-        raise ExportError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype_name(dtype, "dtype")]
+    hf_dtype = str(torch_dtype).removeprefix("torch.")
     check_state_dict(state, cfg)
     _, info = load_tokenizer(tokenizer_dir)
     out_dir = Path(out_dir)
@@ -246,80 +145,60 @@ def write_hf_model(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        tensors = hf_state_dict(state, cfg, DTYPES[dtype])
+        tensors = hf_state_dict(state, cfg, torch_dtype)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         ids = (info.bos_id, info.eos_id, info.pad_id)
-        _write_json(tmp / "config.json", llama_config(cfg, *ids, dtype=dtype))
-        _write_json(tmp / "generation_config.json", generation_config(*ids))
+        atomic_write_json(tmp / "config.json", llama_config(cfg, *ids, dtype=hf_dtype))
+        atomic_write_json(tmp / "generation_config.json", generation_config(*ids))
         for name in TOKENIZER_FILES:
             source = Path(tokenizer_dir) / name
             if not source.is_file():
                 raise ExportError(f"tokenizer file {source} is missing; re-run `python -m data.tokenizer`")
             shutil.copyfile(source, tmp / name)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
-def run_config(checkpoint: Checkpoint) -> PretrainConfig:
-    """The config the checkpoint's run was trained with (`runs/<name>/config.yaml`)."""
-    return load_run_config(checkpoint.run_dir)
+@dataclass
+class ExportConfig:
+    """`python -m pretrain.export`: which run (or checkpoint) to export, where, and in which dtype."""
+
+    # A run directory (its newest usable committed checkpoint) or one checkpoint directory.
+    run: str = MISSING
+    # Output directory; default runs/<name>/hf/<checkpoint tag>.
+    out: str | None = None
+    # Dtype of the saved weights: fp32, bf16 or fp16 (float32, bfloat16, float16 also accepted).
+    dtype: str = "fp32"
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        self.dtype = dtype_name(self.dtype, "dtype")
 
 
-def load_model(
-    checkpoint: Checkpoint, cfg: PretrainConfig, device: torch.device | str = "cpu"
-) -> Transformer:
-    """Our Transformer with the checkpoint's consolidated fp32 weights, in eval mode, on `device`."""
-    state = consolidate(checkpoint)
-    check_state_dict(state, cfg.model)
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    if cfg.model.tie_embeddings:
-        state.pop("lm_head.weight", None)
-        model.load_state_dict(state, strict=False, assign=True)
-        model.lm_head.weight = model.embed_tokens.weight
-    else:
-        model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device).eval()
+def export(path: str | Path, out: str | Path | None = None, dtype: str = "fp32") -> Path:
+    """Export the newest usable checkpoint of a run (or the given checkpoint); returns the directory written.
 
-
-def export(path: str | Path, out: str | Path | None = None, dtype: str = "float32") -> Path:
-    """Export the newest committed checkpoint of a run (or the given checkpoint); returns the directory written.
-
-    The default destination is `runs/<name>/hf/<step tag>/`.
+    The weights go with the config that checkpoint was trained with. The default destination is
+    `runs/<name>/hf/<step tag>/`.
     """
-    checkpoint = find_checkpoint(path)
-    cfg = run_config(checkpoint)
-    state = consolidate(checkpoint)
+    checkpoint, state = newest_weights(path)
+    cfg = checkpoint.config()
     out_dir = Path(out) if out is not None else checkpoint.run_dir / "hf" / checkpoint.tag
     written = write_hf_model(out_dir, state, cfg.model, cfg.tokenizer.dir, dtype)
     log.info("exported %s (step %d) to %s as %s", checkpoint.path, checkpoint.step, written, dtype)
     return written
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m pretrain.export",
-        description="Write a checkpoint as a Hugging Face Llama directory (safetensors, config, tokenizer).",
-    )
-    parser.add_argument(
-        "path", help="a run directory (newest committed checkpoint) or one checkpoint directory"
-    )
-    parser.add_argument("--out", default=None, help="output directory (default: <run>/hf/<checkpoint tag>)")
-    parser.add_argument(
-        "--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved weights"
-    )
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    try:
-        written = export(args.path, args.out, args.dtype)
-    except (ExportError, ConfigError, TokenizerError, FileNotFoundError) as err:
-        parser.exit(2, f"error: {err}\n")
+def _run(config: ExportConfig) -> Path:
+    written = export(config.run, config.out, config.dtype)
     sys.stdout.write(f"{written}\n")
+    return written
 
+
+main = hydra_command("export", ExportConfig, _run)
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,10 @@
-"""Sample text from a trained checkpoint: `python -m pretrain.generate <run dir or checkpoint> prompt="..."`.
+"""Sample text from a trained checkpoint: `python -m pretrain.generate runs/<name> 'prompt="def f("'`.
 
-Options (as `key=value`, or `--key value`): prompt (repeat it for several prompts), max_new_tokens,
-temperature (0 = greedy), top_k (0 = off), top_p (1 = off), seed, device, dtype. The prompt is run through the
-model once (prefill) and every new token then costs one position thanks to the KV cache.
+Options are Hydra overrides (conf/generate.yaml): prompt (or prompts=[...] for several), max_new_tokens,
+temperature (0 = greedy), top_k (0 = off), top_p (1 = off), seed, device, dtype. A prompt with characters
+that Hydra's override grammar reserves, such as parentheses or commas, is quoted: 'prompt="def f(a, b"'. The
+prompt is run through the model once (prefill) and every new token then costs one position thanks to the KV
+cache.
 
 Prompts are encoded as training saw documents: no BOS (the data pipeline never writes one) and positions from
 0; an empty prompt starts from EOS, the token that ends the previous document in training. Generation stops at
@@ -11,31 +13,28 @@ EOS, after max_new_tokens, or when the model's context (model.max_seq_len) is fu
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from omegaconf import MISSING
 
-from data.config import ConfigError
-from data.log import get_logger, setup_logging
-from data.tokenizer import TokenizerError, load_tokenizer
-from pretrain.export import ExportError, find_checkpoint, load_model, run_config
+from data.log import get_logger
+from data.tokenizer import load_tokenizer
+from pretrain.checkpoint import load_trained
+from pretrain.cli import hydra_command
+from pretrain.config import DTYPES, dtype_name, require
 from pretrain.model import KVCache, Transformer
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
     from data.tokenizer import TokenizerInfo
-    from pretrain.config import PretrainConfig
 
 log = get_logger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -49,14 +48,10 @@ class SamplingConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        require(self.max_new_tokens >= 0, "max_new_tokens", f"must be >= 0, got {self.max_new_tokens}")
+        require(self.temperature >= 0, "temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+        require(self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1] (1 = off), got {self.top_p}")
 
 
 # -- sampling ---------------------------------------------------------------------------------------------
@@ -148,48 +143,6 @@ def generate(
     return new
 
 
-# -- loading a trained model ------------------------------------------------------------------------------
-
-
-def load_trained(
-    path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple[Transformer, PretrainConfig, Tokenizer, TokenizerInfo]:
-    """The trained model (eval mode), its run config, and its tokenizer (tokenizers.Tokenizer, TokenizerInfo).
-
-    `path` is a run directory (its newest committed checkpoint) or one committed checkpoint directory; the
-    ZeRO-3 shards are consolidated by `pretrain.export`.
-    """
-    checkpoint = find_checkpoint(path)
-    cfg = run_config(checkpoint)
-    tokenizer, info = load_tokenizer(cfg.tokenizer.dir)
-    model = load_model(checkpoint, cfg, device).to(dtype=dtype)
-    log.info("loaded %s (step %d)", checkpoint.path, checkpoint.step)
-    return model, cfg, tokenizer, info
-
-
-# -- command line -----------------------------------------------------------------------------------------
-
-OPTIONS = ("prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "device", "dtype")
-
-
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    """The checkpoint path plus options written `key=value` (as the issue spells it) or `--key value`."""
-    parser = argparse.ArgumentParser(prog="python -m pretrain.generate", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "checkpoint", help="a run directory (newest committed checkpoint) or a checkpoint dir"
-    )
-    parser.add_argument("--prompt", action="append", help="text to continue; repeat for several prompts")
-    parser.add_argument("--max_new_tokens", type=int, default=SamplingConfig.max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=SamplingConfig.temperature, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=SamplingConfig.top_k, help="0 = off")
-    parser.add_argument("--top_p", type=float, default=SamplingConfig.top_p, help="1 = off")
-    parser.add_argument("--seed", type=int, default=SamplingConfig.seed)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    normalized = [f"--{arg}" if "=" in arg and arg.split("=", 1)[0] in OPTIONS else arg for arg in argv]
-    return parser.parse_args(normalized)
-
-
 def encode_prompt(tokenizer: Tokenizer, info: TokenizerInfo, prompt: str) -> list[int]:
     """Prompt ids as a training document starts (no BOS); EOS alone for an empty prompt."""
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
@@ -205,31 +158,50 @@ def continuation(tokenizer: Tokenizer, prompt_ids: list[int], new_ids: list[int]
     return tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging("INFO")
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    try:
-        sampling.validate()
-        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints on import; stdout is for the text
-            model, cfg, tokenizer, info = load_trained(args.checkpoint, args.device, DTYPES[args.dtype])
-    except (ValueError, OSError, ConfigError, ExportError, TokenizerError) as error:
-        raise SystemExit(f"error: {error}") from error
-    generator = torch.Generator(device=args.device).manual_seed(sampling.seed)
+@dataclass
+class GenerateConfig(SamplingConfig):
+    """`python -m pretrain.generate`: the run, the prompts, the sampling, and where the model runs."""
+
+    # A run directory (its newest usable committed checkpoint) or one checkpoint directory.
+    run: str = MISSING
+    prompt: str = ""
+    # Several prompts, each continued on its own (after `prompt` when both are given).
+    prompts: list[str] = field(default_factory=list)
+    # cpu, cuda or cuda:N (default: cuda when available).
+    device: str | None = None
+    dtype: str = "fp32"
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        super().validate()
+        self.dtype = dtype_name(self.dtype, "dtype")
+
+    def all_prompts(self) -> list[str]:
+        return ([self.prompt] if self.prompt else []) + list(self.prompts) or [""]
+
+
+def _run(config: GenerateConfig) -> None:
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints on import; stdout is for the text
+        model, cfg, _ = load_trained(config.run, device, DTYPES[config.dtype])
+    tokenizer, info = load_tokenizer(cfg.tokenizer.dir)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
     max_len = cfg.model.max_seq_len
-    for prompt in args.prompt or [""]:
+    for prompt in config.all_prompts():
         prompt_ids = encode_prompt(tokenizer, info, prompt)
         if len(prompt_ids) >= max_len:
             log.warning(
                 "prompt has %d tokens; keeping the last %d (model.max_seq_len)", len(prompt_ids), max_len - 1
             )
             prompt_ids = prompt_ids[-(max_len - 1) :]
-        if len(prompt_ids) + sampling.max_new_tokens > max_len:
+        if len(prompt_ids) + config.max_new_tokens > max_len:
             log.warning("stopping at model.max_seq_len=%d tokens (prompt %d)", max_len, len(prompt_ids))
-        new_ids = generate(model, prompt_ids, sampling, info.eos_id, generator)
+        new_ids = generate(model, prompt_ids, config, info.eos_id, generator)
         sys.stdout.write(prompt + continuation(tokenizer, prompt_ids, new_ids) + "\n")
         sys.stdout.flush()
 
+
+main = hydra_command("generate", GenerateConfig, _run)
 
 if __name__ == "__main__":
     main()

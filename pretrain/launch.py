@@ -2,6 +2,10 @@
 
 `python -m pretrain` typed on a workstation has no launcher around it; it then starts `train.local_processes`
 copies of itself (one per GPU, or 2 on CPU so ZeRO-3 really shards), each with the torchrun-style environment.
+
+Whatever started the ranks, a CPU rank uses its share of the cores (`cpu_threads_per_rank`): torch's default
+of one thread per core in every rank oversubscribes the machine as soon as two ranks share it, and gloo's
+collectives then wait on descheduled threads (the deepspeed launcher sets no thread count; torchrun sets 1).
 """
 
 from __future__ import annotations
@@ -28,6 +32,43 @@ def under_launcher() -> bool:
     return "RANK" in os.environ or ("SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ)
 
 
+def accept_launcher_arguments(argv: list[str] | None = None) -> None:
+    """Take the `--local_rank=N` (or `--local_rank N`) the deepspeed launcher passes to every rank out of the
+    command line, into LOCAL_RANK, so that only Hydra overrides remain."""
+    argv = sys.argv if argv is None else argv
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            del argv[i]
+            return
+        if arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            del argv[i : i + 2]
+            return
+
+
+def local_world_size() -> int:
+    """Ranks on this machine, from whichever launcher started them (1 when none says)."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def cpu_threads_per_rank() -> int:
+    """Intra-op threads for one CPU rank: OMP_NUM_THREADS when set, else this process's cores shared evenly
+    among the ranks of the machine."""
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    cores = len(os.sched_getaffinity(0))
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")  # Slurm already gave each task its own cores
+    if per_task.isdigit() and int(per_task) > 0:
+        return max(1, min(cores, int(per_task)))
+    return max(1, cores // local_world_size())
+
+
 def default_local_processes(configured: int) -> int:
     if configured > 0:
         return configured
@@ -46,7 +87,7 @@ def spawn_local(n: int, argv: list[str]) -> int:
     base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n))
     if not torch.cuda.is_available():
         base.setdefault("DS_ACCELERATOR", "cpu")
-        base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // n)))
+        base.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // n)))
     log.info("starting %d local ranks (master port %d)", n, port)
     procs = [
         subprocess.Popen(

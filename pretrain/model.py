@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,80 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from data.config import ConfigError
+from data.loader import IGNORE_INDEX
+from pretrain.config import ModelConfig
 
 try:  # FlexAttention arrived in torch 2.5; without it the boolean-mask path is used everywhere.
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 except ImportError:  # pragma: no cover - depends on the installed torch
     BlockMask = create_block_mask = flex_attention = None
-
-ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
-IGNORE_INDEX = -100
-
-
-@dataclass
-class ModelConfig:
-    """Shape and numerics of the model; `validate()` names the offending key."""
-
-    name: str = "tiny"
-    vocab_size: int = 32000
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    # Key/value heads for grouped-query attention; None means n_heads (multi-head attention).
-    n_kv_heads: int | None = None
-    # Hidden width of the SwiGLU block, given explicitly (LLaMA-2-7B: 11008).
-    ffn_dim: int = 688
-    max_seq_len: int = 256
-    norm_eps: float = 1e-5
-    rope_base: float = 10000.0
-    # Linear position interpolation: position p is rotated as p / rope_scaling (1.0 = off).
-    rope_scaling: float = 1.0
-    # Multiplier on rope_base ("NTK-style" base scaling for long contexts; 1.0 = off).
-    rope_base_scaling: float = 1.0
-    tie_embeddings: bool = False
-    init_std: float = 0.02
-    # "auto": FlexAttention for packed batches on CUDA, SDPA with a boolean mask otherwise. "flex" forces
-    # FlexAttention (on CPU it is forward-only, for tests); "sdpa" always builds the [B, 1, T, T] mask.
-    attention: str = "auto"
-    # Rows of logits upcast to fp32 at a time in the loss (0 = all at once).
-    loss_chunk_size: int = 2048
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    def validate(self, key: str = "model") -> None:
-        def check(ok: bool, field: str, message: str) -> None:
-            if not ok:
-                raise ConfigError(f"{key}.{field}: {message}")
-
-        for field in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
-            check(getattr(self, field) >= 1, field, f"must be a positive integer, got {getattr(self, field)}")
-        check(
-            self.dim % self.n_heads == 0,
-            "n_heads",
-            f"must divide {key}.dim ({self.dim} % {self.n_heads} != 0)",
-        )
-        check(self.head_dim % 2 == 0, "n_heads", f"{key}.dim / {key}.n_heads must be even for RoPE")
-        check(self.kv_heads >= 1, "n_kv_heads", f"must be a positive integer or null, got {self.n_kv_heads}")
-        check(
-            self.n_heads % self.kv_heads == 0,
-            "n_kv_heads",
-            f"must divide {key}.n_heads ({self.n_heads} % {self.kv_heads} != 0)",
-        )
-        for field in ("norm_eps", "rope_base", "rope_scaling", "rope_base_scaling", "init_std"):
-            check(getattr(self, field) > 0, field, f"must be positive, got {getattr(self, field)}")
-        check(
-            self.attention in ATTENTION_BACKENDS,
-            "attention",
-            f"must be one of {ATTENTION_BACKENDS}, got {self.attention!r}",
-        )
-        check(self.loss_chunk_size >= 0, "loss_chunk_size", "must be >= 0 (0 computes the loss in one piece)")
 
 
 class Linear(nn.Linear):

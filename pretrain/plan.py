@@ -22,14 +22,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from data.cli import compose_conf, to_config
-from data.config import ConfigError
-from pretrain.app import typed_pretrain_config
-from pretrain.config import PretrainConfig, register_configs
-from pretrain.engine import batch_layout
+from pretrain.batching import schedule_layouts
+from pretrain.config import ConfigError, PretrainConfig, register_configs, typed_pretrain_config
 from pretrain.memory_model import MemoryEstimate, ParamInventory, Strategy, zero3_memory
 from pretrain.metrics import PEAK_BF16_TFLOPS
 from pretrain.model import count_parameters, flops_per_token
-from pretrain.schedule import BatchSchedule, plan_steps
+from pretrain.schedule import plan_steps
 
 GIB = 2**30
 # Device memory outside what torch.cuda.max_memory_allocated counts (CUDA context, NCCL buffers, cuBLAS and
@@ -212,15 +210,13 @@ def build_plan(cfg: PlanConfig) -> dict[str, Any]:
     total_flops = per_token * train.total_tokens
     cluster_flops = world * cluster.peak * 1e12 * cluster.mfu
     seconds = total_flops / cluster_flops
-    batch = BatchSchedule(train.global_batch_tokens, train.start_batch_tokens, train.batch_ramp_tokens)
+    batch = cfg.batch_schedule()
 
     warnings: list[str] = []
-    for size in batch.sizes():
-        try:
-            batch_layout(size, seq_len, train.micro_batch_size, world, "train.global_batch_tokens")
-        except ConfigError as err:
-            warnings.append(f"batch of {size} tokens on {world} GPUs: {err}")
-            break
+    try:
+        schedule_layouts(batch.sizes(), seq_len, train.micro_batch_size, world)
+    except ConfigError as err:
+        warnings.append(f"batch on {world} GPUs: {err}")
     configured = Strategy.of(cfg.deepspeed)
     strategies = [configured, *(s for s in STRATEGIES if s != configured)]
     variants = [evaluate(cfg, inventory, s, world, train.micro_batch_size) for s in strategies]

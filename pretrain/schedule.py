@@ -1,4 +1,4 @@
-"""Learning-rate and batch-size schedules as functions of tokens consumed (DESIGN contract 3).
+"""Learning-rate and batch-size schedules as functions of tokens consumed.
 
 Because both are functions of tokens, not steps, growing the batch does not shift the LR curve, and a
 resumed run needs nothing but the token count to be back on both curves.

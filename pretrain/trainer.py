@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -10,19 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from data.loader import GlobalBatchLoader, split_micro_batches
 from data.log import get_logger, progress_enabled
 from data.mixture import MixtureDataset
 from data.tokenizer import TokenizerInfo, load_tokenizer
 from pretrain import engine as eng
-from pretrain.checkpoint import CheckpointManager
-from pretrain.config import PretrainConfig
+from pretrain.batching import schedule_layouts
+from pretrain.checkpoint import DEEPSPEED_FILE, SUMMARY_FILE, CheckpointManager, RunDir, config_yaml
+from pretrain.config import ConfigError, PretrainConfig
 from pretrain.faults import FaultDrills, StopRequest
+from pretrain.generate import SamplingConfig, continuation, encode_prompt, generate
 from pretrain.metrics import SpikeDetector, Throughput, memory_gib, peak_tflops
 from pretrain.model import flops_per_token
-from pretrain.schedule import BatchSchedule, LRSchedule
+from pretrain.schedule import LRSchedule
 from pretrain.tracking import RunTracker, wandb_run_id
 
 log = get_logger(__name__)
@@ -56,13 +56,11 @@ class Trainer:
         self.lr = LRSchedule(
             cfg.optim.lr, cfg.optim.warmup_tokens, cfg.train.total_tokens, cfg.optim.min_lr_ratio
         )
-        self.batch = BatchSchedule(
-            cfg.train.global_batch_tokens, cfg.train.start_batch_tokens, cfg.train.batch_ramp_tokens
+        self.batch = cfg.batch_schedule()
+        # Every size the batch grows through, checked now rather than at the first growth step.
+        self.layouts = schedule_layouts(
+            self.batch.sizes(), self.seq_len, cfg.train.micro_batch_size, env.world_size
         )
-        for size in self.batch.sizes():  # fail now, not at the first growth step, when a size does not divide
-            eng.batch_layout(
-                size, self.seq_len, cfg.train.micro_batch_size, env.world_size, "train.global_batch_tokens"
-            )
 
         planned = -(-cfg.train.total_tokens // self.seq_len)
         self.train_data = MixtureDataset.from_tokenizer(
@@ -73,7 +71,7 @@ class Trainer:
         self.loader = GlobalBatchLoader(self.train_data, rank=env.rank, world_size=env.world_size)
 
         torch.manual_seed(cfg.train.seed)  # the same init on every rank: ZeRO-3 keeps each rank's slice of it
-        self.engine = eng.TrainingEngine(cfg, env, self.batch(0))
+        self.engine = eng.TrainingEngine(cfg, env, self.layouts[self.batch(0)])
         local, total = self.engine.local_parameter_count()
         per_rank = [0.0] * env.world_size
         per_rank[env.rank] = float(local)
@@ -87,19 +85,26 @@ class Trainer:
             env.world_size,
         )
         self.checkpoints = CheckpointManager(
-            self.run_dir, cfg.train.keep_checkpoints, env.rank, eng.barrier, self._all_ranks_ok
+            self.run_dir,
+            cfg.train.keep_checkpoints,
+            env.rank,
+            eng.barrier,
+            self._all_ranks_ok,
+            config_text=config_yaml(cfg),
         )
         if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            summary = {
-                "parameters": total,
-                "parameters_per_rank": per_rank,
-                "world_size": env.world_size,
-                "weight_decay_parameters": self.engine.decay_parameter_names,
-            }
-            (self.run_dir / "model_summary.json").write_text(json.dumps(summary, indent=1))
-            # The composed config, so export, evaluation and sampling rebuild the run from its directory alone.
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            run = RunDir(self.run_dir)
+            run.write_config(cfg)
+            run.write_json(
+                SUMMARY_FILE,
+                {
+                    "parameters": total,
+                    "parameters_per_rank": per_rank,
+                    "world_size": env.world_size,
+                    "weight_decay_parameters": self.engine.decay_parameter_names,
+                },
+            )
+            run.write_json(DEEPSPEED_FILE, self.engine.ds_config)
         self.state = TrainerState()
         resumed = self.checkpoints.load_latest(self.engine)
         if resumed is not None:
@@ -142,10 +147,11 @@ class Trainer:
         """One optimizer step over a global batch; every rank returns the same metrics."""
         cfg = self.cfg
         batch_tokens = self.batch(self.state.tokens)
-        gas = self.engine.set_global_batch_tokens(batch_tokens)
+        layout = self.layouts[batch_tokens]
+        self.engine.set_batch(layout)
         lr = self.lr(self.state.tokens + batch_tokens)
         self.engine.set_lr(lr)
-        rank_batch = self.loader.next_batch(batch_tokens // self.seq_len)
+        rank_batch = self.loader.next_batch(layout.sequences)
         poison = self.drills.poison_loss(self.state.step + 1)
         skipped_before = self.engine.skipped_steps
         micro_batches = split_micro_batches(rank_batch, cfg.train.micro_batch_size)
@@ -153,7 +159,7 @@ class Trainer:
             self.engine.forward_backward(mb, last=i == len(micro_batches) - 1, poison=poison)
             for i, mb in enumerate(micro_batches)
         ]
-        assert len(losses) == gas, (len(losses), gas)
+        assert len(losses) == layout.accumulation, (len(losses), layout.accumulation)
         grad_norm = self.engine.last_grad_norm()
         skipped = self.engine.skipped_steps > skipped_before
         if not skipped and not math.isfinite(grad_norm):
@@ -191,7 +197,7 @@ class Trainer:
             "train/lr": lr,
             "train/grad_norm": grad_norm,
             "train/batch_tokens": float(batch_tokens),
-            "train/grad_accum": float(gas),
+            "train/grad_accum": float(layout.accumulation),
             "train/tokens": float(self.state.tokens),
             "train/skipped_steps": float(self.state.skipped_steps),
         }
@@ -310,8 +316,6 @@ class Trainer:
 
     def sample(self, prompt: str, max_new_tokens: int) -> str:
         """A short top-k sample from the trained model; every rank runs it (ZeRO-3 gathers the weights)."""
-        from pretrain.generate import SamplingConfig, continuation, encode_prompt, generate
-
         ids = encode_prompt(self.tokenizer, self.tok_info, prompt)
         sampling = SamplingConfig(
             max_new_tokens=max_new_tokens, temperature=0.8, top_k=20, seed=self.cfg.train.seed
@@ -332,8 +336,6 @@ def _loss_metrics(prefix: str, total: float, count: float) -> dict[str, float]:
 
 def _check_vocab(cfg: PretrainConfig, info: TokenizerInfo) -> None:
     if info.vocab_size > cfg.model.vocab_size:
-        from data.config import ConfigError
-
         raise ConfigError(
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {info.vocab_size} tokens"
             f" ({info.dir}); set model.vocab_size>={info.vocab_size}"

@@ -13,10 +13,11 @@ from tests.helpers import WANDB_SECRET, run_pretrain
 @pytest.fixture(scope="session")
 def debug_artifacts(tmp_path_factory) -> Path:
     """Tokenizer and shards of the embedded corpus under the debug experiment, built once per session."""
-    from pretrain.app import compose_pretrain_config, prepare_data
+    from data.prepare import ensure_data
+    from pretrain.config import compose_pretrain_config
 
     artifacts = tmp_path_factory.mktemp("artifacts")
-    prepare_data(compose_pretrain_config(["+experiment=debug", f"paths.artifacts={artifacts}"]))
+    ensure_data(compose_pretrain_config(["+experiment=debug", f"paths.artifacts={artifacts}"]).data_pipeline())
     return artifacts
 
 

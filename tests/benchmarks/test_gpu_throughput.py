@@ -16,7 +16,7 @@ import torch
 
 from benchmarks import gpu_throughput as bench
 from benchmarks import throughput_case as case
-from pretrain.app import compose_pretrain_config
+from pretrain.config import compose_pretrain_config
 from pretrain.model import flops_per_token
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.atomic_io import atomic_write_json
 from data.config import ConfigError, DataConfig, PackingConfig, SourceConfig
+from data.manifest import shard_entry, write_manifest
 from data.mixture import LONG_POOL, MixtureDataset
-from data.shards import ShardError, manifest_path, shard_path, write_shard
+from data.shard_writer import write_shard
+from data.shards import ShardError, shard_path
 
 FINGERPRINT = "ab" * 32
 VOCAB = 5000
@@ -34,14 +35,15 @@ def write_source(
                 vocab_size=VOCAB,
                 fingerprint=FINGERPRINT,
             )
-            entries.append(stats.manifest_entry())
+            entries.append(shard_entry(stats))
         manifest_splits[split] = {
             "docs": len(docs),
             "tokens": int(sum(len(d) for d in docs)),
             "shards": entries,
         }
-    atomic_write_json(
-        manifest_path(shards_dir, name),
+    write_manifest(
+        shards_dir,
+        name,
         {
             "source": name,
             "tokenizer_fingerprint": FINGERPRINT,

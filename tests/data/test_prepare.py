@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 from data import prepare as prepare_module
 from data import shard_builder
 from data.cli import compose_data_config
+from data.manifest import load_split, read_manifest
 from data.prepare import ensure_shards, prepare, split_of, why_prepare
-from data.shards import SPLITS, load_split, read_manifest
+from data.shards import SPLITS
 from data.tokenizer import load_tokenizer, train_tokenizer
 from tests.data.prepare_corpus import prepare_config, random_text, shard_files, write_corpus
 from tests.helpers import ROOT

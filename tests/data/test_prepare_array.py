@@ -12,8 +12,9 @@ import pytest
 from data import shard_builder
 from data.cli import compose_data_config
 from data.config import ConfigError
+from data.manifest import read_manifest
 from data.prepare import prepare
-from data.shards import ShardError, read_manifest
+from data.shards import ShardError
 from tests.data.prepare_corpus import prepare_config, shard_files, write_corpus
 
 

@@ -10,18 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.atomic_io import atomic_write_bytes, atomic_write_json
-from data.shards import (
-    HEADER_SIZE,
-    ShardError,
-    ShardWriter,
-    load_split,
-    manifest_path,
-    open_shard,
-    read_header,
-    shard_path,
-    write_shard,
-)
+from data.shard_writer import ShardWriter, write_shard
+from data.shards import HEADER_SIZE, ShardError, open_shard, read_header
 
 FP = "ab" * 32
 OTHER_FP = "cd" * 32
@@ -158,64 +148,6 @@ def test_wrong_tokenizer_fingerprint(tmp_path):
 def test_missing_shard(tmp_path):
     with pytest.raises(ShardError, match=r"nope\.bin: shard file is missing"):
         read_header(tmp_path / "nope.bin")
-
-
-def test_failed_write_leaves_nothing(tmp_path):
-    def chunks():
-        yield b"partial"
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        atomic_write_bytes(tmp_path / "x.bin", chunks())
-    assert list(tmp_path.iterdir()) == []
-
-
-def _manifest_for(tmp_path, source="web"):
-    entries = []
-    for i, lengths in enumerate([(2, 5), (4,)]):
-        stats = write_shard(
-            shard_path(tmp_path, source, "train", i),
-            _docs(list(lengths), seed=i),
-            vocab_size=1000,
-            fingerprint=FP,
-        )
-        entries.append(stats.manifest_entry())
-    manifest = {
-        "source": source,
-        "tokenizer_fingerprint": FP,
-        "splits": {
-            "train": {"docs": 3, "tokens": 11, "shards": entries},
-            "val": {"docs": 0, "tokens": 0, "shards": []},
-        },
-    }
-    atomic_write_json(manifest_path(tmp_path, source), manifest)
-    return manifest
-
-
-def test_load_split(tmp_path):
-    _manifest_for(tmp_path)
-    shards = load_split(tmp_path, "web", "train", expected_fingerprint=FP)
-    assert [s.path.name for s in shards] == ["train-00000.bin", "train-00001.bin"]
-    assert [s.n_docs for s in shards] == [2, 1]
-    assert load_split(tmp_path, "web", "val", expected_fingerprint=None) == []
-    with pytest.raises(ShardError, match=r"manifest\.json: shards were made with tokenizer"):
-        load_split(tmp_path, "web", "train", expected_fingerprint=OTHER_FP)
-
-
-def test_load_split_errors(tmp_path):
-    with pytest.raises(ShardError, match=r"no manifest for source 'web'.*python -m data\.prepare"):
-        load_split(tmp_path, "web", "train", expected_fingerprint=FP)
-    manifest = _manifest_for(tmp_path)
-    manifest["splits"]["train"]["shards"][1]["tokens"] = 99
-    atomic_write_json(manifest_path(tmp_path, "web"), manifest)
-    with pytest.raises(ShardError, match=r"train-00001\.bin: does not match its manifest entry"):
-        load_split(tmp_path, "web", "train", expected_fingerprint=FP)
-    shard_path(tmp_path, "web", "train", 1).unlink()
-    with pytest.raises(ShardError, match=r"train-00001\.bin: shard file is missing"):
-        load_split(tmp_path, "web", "train", expected_fingerprint=FP)
-    manifest_path(tmp_path, "web").write_text("{not json")
-    with pytest.raises(ShardError, match="unreadable manifest"):
-        load_split(tmp_path, "web", "train", expected_fingerprint=FP)
 
 
 @settings(max_examples=40, deadline=None)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from pretrain.app import compose_pretrain_config
 from pretrain.checkpoint import CheckpointManager
+from pretrain.config import compose_pretrain_config
 
 
 def build_engine(cfg):

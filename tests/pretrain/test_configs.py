@@ -1,5 +1,7 @@
 """Every shipped config composes and validates, and every experiment builds its model on the meta device."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,9 +9,11 @@ import torch
 
 from data.cli import CONF_DIR
 from data.config import ConfigError
-from pretrain.app import compose_pretrain_config
-from pretrain.engine import batch_layout, deepspeed_config
+from pretrain.batching import batch_layout
+from pretrain.config import compose_pretrain_config
+from pretrain.engine import deepspeed_config
 from pretrain.model import Transformer
+from tests.helpers import ROOT
 
 CONF = Path(CONF_DIR)
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -55,21 +59,14 @@ def test_7b_is_llama2_7b():
 
 def test_deepspeed_config_is_zero3_bf16_with_derived_accumulation():
     cfg = compose_pretrain_config(["+experiment=7b"])
-    sequences, gas = batch_layout(cfg.train.global_batch_tokens, 4096, 1, 64, "train.global_batch_tokens")
-    ds = deepspeed_config(cfg, sequences, 64)
+    layout = batch_layout(cfg.train.global_batch_tokens, 4096, 1, 64, "train.global_batch_tokens")
+    ds = deepspeed_config(cfg, layout)
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["bf16"]["enabled"] is True
     assert ds["gradient_clipping"] == 1.0
-    assert ds["train_batch_size"] == 1024 and ds["gradient_accumulation_steps"] == gas == 16
+    assert ds["train_batch_size"] == 1024 and ds["gradient_accumulation_steps"] == layout.accumulation == 16
     offload = compose_pretrain_config(["+experiment=7b", "deepspeed=zero3_offload"])
-    assert (
-        deepspeed_config(offload, sequences, 64)["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    )
-
-
-def test_batch_that_does_not_divide_names_the_key():
-    with pytest.raises(ConfigError, match=r"train.global_batch_tokens.*micro_batch_size"):
-        batch_layout(3 * 64, 64, 2, 2, "train.global_batch_tokens")
+    assert deepspeed_config(offload, layout)["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
 
 
 @pytest.mark.parametrize(
@@ -86,3 +83,24 @@ def test_batch_that_does_not_divide_names_the_key():
 def test_wrong_values_fail_early_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         compose_pretrain_config([override])
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_a_misspelt_key_in_a_group_fails_at_composition(group):
+    option = GROUPS[group][0]
+    with pytest.raises(Exception, match="no_such_key"):
+        compose_pretrain_config([f"{group}={option}", f"{group}.no_such_key=1"])
+
+
+@pytest.mark.parametrize(
+    "module", ["pretrain", "pretrain.plan", "pretrain.export", "pretrain.evaluate", "pretrain.generate"]
+)
+def test_help_names_the_command_and_lists_real_options_only(module):
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith((f"{module} is powered by Hydra", f"python -m {module} "))
+    assert "_schema" not in result.stdout and "__main__" not in result.stdout
+    if module in ("pretrain", "pretrain.plan"):
+        assert "model: 125m, 13b, 1b, 350m, 7b, tiny" in result.stdout

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from pretrain.app import load_run_config
+from pretrain.checkpoint import find_checkpoint
 from pretrain.evaluate import evaluate, main
 from tests.helpers import read_metrics
 
@@ -21,7 +21,7 @@ def default_report(debug_run) -> dict:
 
 def test_default_evaluation_matches_the_trainers_last_val_loss(default_report, debug_run):
     """Same sequences per source as the trainer (eval_batches x micro_batch x 2 ranks); fp32 here, bf16 there."""
-    cfg = load_run_config(debug_run)
+    cfg = find_checkpoint(debug_run).config()
     logged = [m for m in read_metrics(debug_run) if "val/loss" in m]
     assert logged, "the trainer logged no val/loss"
     last = logged[-1]
@@ -39,7 +39,11 @@ def test_default_evaluation_matches_the_trainers_last_val_loss(default_report, d
 
 def test_every_source_is_scored_on_its_own(default_report, debug_run):
     sources = default_report["sources"]
-    assert set(sources) == set(load_run_config(debug_run).data.sources) == {"python_code", "python_docs"}
+    assert (
+        set(sources)
+        == set(find_checkpoint(debug_run).config().data.sources)
+        == {"python_code", "python_docs"}
+    )
     for result in sources.values():
         assert result["tokens"] > 0 and math.isfinite(result["loss"]) and result["sequences"] > 0
 
@@ -58,10 +62,12 @@ def test_whole_split_overall_is_the_token_weighted_mean_of_the_sources(debug_run
 
 def test_cli_writes_a_table_and_a_json_report(debug_run, tmp_path, capsys):
     out = tmp_path / "eval" / "report.json"
-    main([str(debug_run), "--batches", "1", "--out", str(out), "--log-level", "WARNING"])
+    main([str(debug_run), "batches=1", f"out={out}", "log_level=WARNING"])
     report = json.loads(out.read_text())
     assert report["split"] == "val" and report["precision"] == "fp32"
-    assert report["overall"]["sequences"] == 2 * load_run_config(debug_run).train.micro_batch_size * 2
+    assert (
+        report["overall"]["sequences"] == 2 * find_checkpoint(debug_run).config().train.micro_batch_size * 2
+    )
     captured = capsys.readouterr()
     assert captured.out == ""
     for name in ("overall", "python_code", "python_docs"):
@@ -70,7 +76,7 @@ def test_cli_writes_a_table_and_a_json_report(debug_run, tmp_path, capsys):
 
 def test_cli_prints_json_to_stdout_and_scores_a_chosen_checkpoint(debug_run, capsys):
     oldest = sorted((debug_run / "checkpoints").glob("step_*"))[0]
-    main([str(oldest), "--sequences", "4", "--log-level", "WARNING"])
+    main([str(oldest), "sequences=4", "log_level=WARNING"])
     report = json.loads(capsys.readouterr().out)
     assert report["checkpoint"] == str(oldest) and report["step"] == int(oldest.name.split("_")[1])
     assert report["overall"]["sequences"] == 4 * 2

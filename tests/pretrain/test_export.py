@@ -14,18 +14,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pretrain.app import compose_pretrain_config
-from pretrain.checkpoint import MARKER
-from pretrain.export import (
-    ExportError,
-    check_state_dict,
-    find_checkpoint,
-    load_model,
-    main,
-    run_config,
-    write_hf_model,
-)
-from pretrain.model import ModelConfig, Transformer
+from pretrain.checkpoint import find_checkpoint, load_trained
+from pretrain.config import ModelConfig, compose_pretrain_config
+from pretrain.export import ExportError, main, write_hf_model
+from pretrain.model import Transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,7 +27,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def exported(debug_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "hf"
-    main([str(debug_run), "--out", str(out)])
+    main([str(debug_run), f"out={out}"])
     return out
 
 
@@ -67,7 +59,7 @@ def test_export_writes_a_complete_llama_directory(exported, debug_run):
     }
     assert not [p for p in exported.parent.iterdir() if p.name.startswith(".")], "temporary dirs left behind"
     config = json.loads((exported / "config.json").read_text())
-    cfg = run_config(find_checkpoint(debug_run)).model
+    cfg = find_checkpoint(debug_run).config().model
     assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
     assert (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]) == (
         cfg.dim,
@@ -83,8 +75,7 @@ def test_export_writes_a_complete_llama_directory(exported, debug_run):
 
 
 def test_transformers_logits_equal_ours_on_the_trained_weights(exported, debug_run):
-    checkpoint = find_checkpoint(debug_run)
-    ours = load_model(checkpoint, run_config(checkpoint))
+    ours, _, _ = load_trained(debug_run)
     input_ids = torch.randint(
         0, ours.cfg.vocab_size, (2, ours.cfg.max_seq_len), generator=torch.Generator().manual_seed(0)
     )
@@ -99,7 +90,7 @@ def test_transformers_logits_equal_ours_on_the_trained_weights(exported, debug_r
 def test_auto_tokenizer_encodes_like_ours(exported, debug_run):
     from data.tokenizer import load_tokenizer
 
-    ours, info = load_tokenizer(run_config(find_checkpoint(debug_run)).tokenizer.dir)
+    ours, info = load_tokenizer(find_checkpoint(debug_run).config().tokenizer.dir)
     theirs = transformers.AutoTokenizer.from_pretrained(str(exported))
     for text in ("def area(r):\n    return 3.14 * r ** 2\n", "Unicode: naïve café — ok", "  leading spaces"):
         assert theirs(text)["input_ids"] == ours.encode(text).ids
@@ -119,7 +110,7 @@ def test_auto_tokenizer_encodes_like_ours(exported, debug_run):
 
 def test_bfloat16_export_loads_in_transformers(debug_run, tmp_path):
     out = tmp_path / "bf16"
-    main([str(debug_run), "--out", str(out), "--dtype", "bfloat16"])
+    main([str(debug_run), f"out={out}", "dtype=bfloat16"])
     assert set(safetensors_dtypes(out).values()) == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     model = transformers.LlamaForCausalLM.from_pretrained(str(out))
@@ -171,29 +162,6 @@ def test_config_paths_of_tiny_models_match_transformers(overrides, tokenizer_dir
     with torch.no_grad():
         expected = model(input_ids)
     assert (hf_logits(out, input_ids) - expected).abs().max().item() <= 1e-4
-
-
-def test_uncommitted_checkpoint_is_refused_with_a_clear_error(tmp_path, capsys):
-    partial = tmp_path / "runs" / "r" / "checkpoints" / "step_00000010"
-    partial.mkdir(parents=True)
-    (partial / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"half")
-    with pytest.raises(ExportError, match=f"not committed .*no {MARKER}"):
-        find_checkpoint(partial)
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(partial)])
-    assert exit_info.value.code == 2
-    assert "is not committed" in capsys.readouterr().err
-    with pytest.raises(ExportError, match="no committed checkpoint"):
-        find_checkpoint(tmp_path / "runs" / "r")
-
-
-def test_weights_that_do_not_fit_the_config_are_refused():
-    cfg = ModelConfig(name="t", vocab_size=64, dim=16, n_layers=1, n_heads=2, ffn_dim=24, max_seq_len=8)
-    state = Transformer(cfg).state_dict()
-    check_state_dict(state, cfg)
-    state["layers.0.mlp.up_proj.weight"] = torch.zeros(25, 16)
-    with pytest.raises(ExportError, match="wrong shapes"):
-        check_state_dict(state, cfg)
 
 
 def test_a_failed_export_leaves_the_previous_one_intact(tokenizer_dir, tmp_path, monkeypatch):

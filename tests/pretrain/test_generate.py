@@ -13,18 +13,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from data.cli import compose_conf, to_config
+from data.tokenizer import load_tokenizer
+from pretrain.checkpoint import load_trained
+from pretrain.cli import run_argument
+from pretrain.config import ModelConfig
 from pretrain.generate import (
+    GenerateConfig,
     SamplingConfig,
     continuation,
     filter_logits,
     generate,
-    load_trained,
-    parse_args,
     sample_next,
     top_k_filter,
     top_p_filter,
 )
-from pretrain.model import KVCache, ModelConfig, Transformer
+from pretrain.model import KVCache, Transformer
 from tests.helpers import ROOT
 
 TINY = ModelConfig(
@@ -211,14 +215,21 @@ def test_sampling_config_rejects_bad_values(bad):
 # -- command line -----------------------------------------------------------------------------------------
 
 
-def test_parse_args_accepts_key_value_and_flags():
-    args = parse_args(
-        ["runs/x", "prompt=Once upon a=time", "max_new_tokens=5", "--top_p", "0.5", "prompt=Hi"]
+def test_command_line_is_hydra_with_a_leading_run_path():
+    assert run_argument(["runs/x", "top_p=0.5"]) == ["run='runs/x'", "top_p=0.5"]
+    assert run_argument(["run=runs/x"]) == ["run=runs/x"]
+    assert run_argument(["runs/it's"]) == ["run='runs/it\\'s'"]
+    cfg = to_config(
+        compose_conf("generate", run_argument(["runs/x", 'prompt="Once upon a=time, (b"', "max_new_tokens=5",
+                                               "top_p=0.5", "prompts=[Hi]", "dtype=bfloat16"])),
+        GenerateConfig,
+    )  # fmt: skip
+    assert cfg.run == "runs/x"
+    assert cfg.all_prompts() == ["Once upon a=time, (b", "Hi"]
+    assert (cfg.max_new_tokens, cfg.top_p, cfg.temperature, cfg.dtype) == (5, 0.5, 1.0, "bf16")
+    assert math.isclose(
+        to_config(compose_conf("generate", ["run=r", "temperature=0"]), GenerateConfig).temperature, 0.0
     )
-    assert args.checkpoint == "runs/x"
-    assert args.prompt == ["Once upon a=time", "Hi"]
-    assert (args.max_new_tokens, args.top_p, args.temperature) == (5, 0.5, 1.0)
-    assert math.isclose(parse_args(["r", "--temperature=0"]).temperature, 0.0)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -227,7 +238,14 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_prints_a_continuation_of_the_prompt(debug_run):
-    args = (str(debug_run), "prompt=def main(", "max_new_tokens=12", "temperature=0.8", "top_k=50", "seed=1")
+    args = (
+        str(debug_run),
+        'prompt="def main("',
+        "max_new_tokens=12",
+        "temperature=0.8",
+        "top_k=50",
+        "seed=1",
+    )
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("def main(")
@@ -242,7 +260,8 @@ def test_cli_reports_a_missing_run(tmp_path):
 
 
 def test_trained_model_cached_greedy_matches_recompute(debug_run):
-    model, _, tokenizer, info = load_trained(debug_run)
+    model, cfg, _ = load_trained(debug_run)
+    tokenizer, info = load_tokenizer(cfg.tokenizer.dir)
     ids = tokenizer.encode("def main(", add_special_tokens=False).ids
     sampling = SamplingConfig(max_new_tokens=16, temperature=0.0)
     cached = generate(model, ids, sampling, info.eos_id)

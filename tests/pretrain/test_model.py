@@ -16,8 +16,8 @@ from torch.utils.checkpoint import checkpoint
 
 from data.config import ConfigError
 from pretrain import model as model_module
+from pretrain.config import ModelConfig
 from pretrain.model import (
-    ModelConfig,
     Transformer,
     count_parameters,
     flops_per_token,

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data.config import ConfigError
+from pretrain.config import ModelConfig
 from pretrain.memory_model import ParamInventory, Strategy, activation_memory, zero3_memory
-from pretrain.model import ModelConfig
 from pretrain.plan import GIB, build_plan, compose_plan_config, gpu_need_gib
 from tests.helpers import ROOT
 
@@ -154,7 +154,8 @@ MEASURE = textwrap.dedent(
     """
     import json, sys, torch
     from torch.utils.checkpoint import checkpoint
-    from pretrain.model import ModelConfig, Transformer
+    from pretrain.config import ModelConfig
+    from pretrain.model import Transformer
     def rss(key):
         return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
     torch.set_num_threads(1)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.app import compose_pretrain_config
+from pretrain.config import compose_pretrain_config
 from pretrain.faults import KILL_AT_STEP
 from pretrain.schedule import LRSchedule
 from tests.helpers import ROOT, WANDB_SECRET, read_metrics, run_pretrain, step_losses

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from data.cli import compose_data_config
+from data.manifest import read_manifest
 from data.prepare import prepare
-from data.shards import read_manifest
 from data.tokenizer import train_tokenizer
 from tests.helpers import ROOT
 from tests.slurm.cluster import LocalSlurmCluster
