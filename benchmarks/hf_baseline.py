@@ -24,8 +24,10 @@ from typing import Any
 import torch
 
 from pretrain import engine as eng
+from pretrain.batching import BatchLayout
 from pretrain.config import PretrainConfig
 from pretrain.export import llama_config
+from pretrain.hardware import resolve_precision
 
 
 def hf_llama_config(cfg: PretrainConfig) -> Any:
@@ -53,7 +55,7 @@ def _enable_checkpointing(model: torch.nn.Module) -> None:
 class HFEngine:
     """LlamaForCausalLM wrapped by DeepSpeed exactly as `pretrain.engine.TrainingEngine` wraps our model."""
 
-    def __init__(self, cfg: PretrainConfig, env: eng.DistEnv, tokens_per_step: int):
+    def __init__(self, cfg: PretrainConfig, env: eng.DistEnv, layout: BatchLayout):
         import deepspeed
         from transformers import LlamaForCausalLM
 
@@ -62,14 +64,8 @@ class HFEngine:
                 "the Hugging Face baseline checkpoints every layer; run it with"
                 " deepspeed.checkpoint_every_n_layers=1 (or --no-baseline)"
             )
-        sequences, _ = eng.batch_layout(
-            tokens_per_step,
-            cfg.data.packing.seq_len,
-            cfg.train.micro_batch_size,
-            env.world_size,
-            "train.global_batch_tokens",
-        )
-        self.ds_config = eng.deepspeed_config(cfg, sequences, env.world_size)
+        self.precision, _ = eng.broadcast_object(resolve_precision(cfg.deepspeed.precision))
+        self.ds_config = eng.deepspeed_config(cfg, layout, self.precision)
         config = hf_llama_config(cfg)
         config._attn_implementation = "sdpa"
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=cfg.deepspeed.zero_stage == 3):
@@ -90,8 +86,11 @@ class HFEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], *, last: bool) -> torch.Tensor:
-        """One micro-batch; Hugging Face shifts the labels itself, so the unshifted input ids are the labels."""
+    def forward_backward(
+        self, batch: dict[str, torch.Tensor], *, last: bool, global_targets: int = 0
+    ) -> torch.Tensor:
+        """One micro-batch with Hugging Face's own loss (a mean per micro-batch, `global_targets` unused): it
+        shifts the labels itself, so the unshifted input ids are the labels."""
         self.engine.set_gradient_accumulation_boundary(last)
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
         loss = self.engine(input_ids=input_ids, labels=input_ids).loss

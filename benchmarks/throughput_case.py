@@ -134,27 +134,44 @@ def attention_path(cfg: Any, impl: str, documents: int, cuda: bool) -> str:
 def build_engine(spec: dict[str, Any], cfg: Any, env: Any) -> tuple[Any, int, dict[str, Any]]:
     """(engine, parameter count, extra result fields) for our trainer or the Hugging Face baseline."""
     from pretrain import engine as eng
+    from pretrain.batching import batch_layout
 
-    tokens = cfg.train.global_batch_tokens
+    layout = batch_layout(
+        cfg.train.global_batch_tokens,
+        cfg.data.packing.seq_len,
+        cfg.train.micro_batch_size,
+        env.world_size,
+        "train.global_batch_tokens",
+    )
     if spec["impl"] == "ours":
-        engine = eng.TrainingEngine(cfg, env, tokens)
-        return engine, engine.local_parameter_count()[1], {}
+        engine = eng.TrainingEngine(cfg, env, layout)
+        return engine, engine.local_parameter_count()[1], {"precision": engine.precision}
     from benchmarks.hf_baseline import HFEngine
 
-    engine = HFEngine(cfg, env, tokens)
-    return engine, engine.parameter_count(), {"attn_implementation": engine.attn_implementation}
+    engine = HFEngine(cfg, env, layout)
+    extra = {"attn_implementation": engine.attn_implementation, "precision": engine.precision}
+    return engine, engine.parameter_count(), extra
 
 
-def step_function(engine: Any, batches: list[dict[str, Any]], causal_only: bool):
+def step_function(engine: Any, batches: list[dict[str, Any]], causal_only: bool, world_size: int):
     """One optimizer step over the micro-batches; `causal_only` calls our model without document ids."""
 
+    # Every rank holds the same synthetic micro-batches, so the global target count is the local one x ranks.
+    targets = sum(int((b["labels"] != -100).sum()) for b in batches) * world_size
+
     def trainer_step():
-        return [engine.forward_backward(b, last=i == len(batches) - 1) for i, b in enumerate(batches)][-1]
+        return [
+            engine.forward_backward(b, last=i == len(batches) - 1, global_targets=targets)
+            for i, b in enumerate(batches)
+        ][-1]
 
     def causal_step():  # TrainingEngine.forward_backward always passes document ids; same calls otherwise
-        for b in batches:
-            loss = engine.engine(b["input_ids"], position_ids=b["position_ids"], labels=b["labels"])
-            engine.engine.backward(loss)
+        for i, b in enumerate(batches):
+            engine.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
+            loss = engine.engine(
+                b["input_ids"], position_ids=b["position_ids"], labels=b["labels"], reduction="sum"
+            )
+            engine.engine.backward(loss * world_size / targets, scale_wrt_gas=False)
             engine.engine.step()
         return loss.detach()
 
@@ -190,7 +207,9 @@ def run_case(spec: dict[str, Any], result_path: Path) -> None:
         seeds = [cfg.train.seed * 1000 + env.rank * 100 + i for i in range(spec["grad_accum"])]
         vocab, documents = cfg.model.vocab_size, spec["documents"]
         batches = [synthetic_batch(vocab, micro, seq_len, documents, s, engine.device) for s in seeds]
-        step = step_function(engine, batches, spec["impl"] == "ours" and spec["documents"] == 0)
+        step = step_function(
+            engine, batches, spec["impl"] == "ours" and spec["documents"] == 0, env.world_size
+        )
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         times, losses = [], []
         for index in range(spec["warmup"] + spec["steps"]):
@@ -240,7 +259,6 @@ def write_result(
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "attention": attention_path(cfg, spec["impl"], spec["documents"], cuda),
         "zero_stage": cfg.deepspeed.zero_stage,
-        "precision": cfg.deepspeed.precision,
         "parameters": parameters,
         "flops_per_token": fpt,
         "tokens_per_step": cfg.train.global_batch_tokens,

@@ -29,6 +29,16 @@ def require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def whole_number(value: int | float, key: str) -> int:
+    """A configured count (of tokens, bytes, elements) as an int. People write these in scientific notation
+    (`2e12`, `4e6`), which arrives as a float; anything that is not a whole number fails naming the key."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: must be a whole number, got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ConfigError(f"{key}: must be a whole number, got {value!r}")
+    return int(value)
+
+
 @dataclass
 class PathsConfig:
     """Where artifacts (tokenizers, shards, corpora) and runs live; relative paths are relative to the cwd."""
@@ -74,7 +84,7 @@ class PackingConfig:
     seq_len: int = 256
     mode: str = "best_fit"
     # Documents of at least this many tokens go to the long pool (0 disables long-text mixing).
-    long_threshold: int = 0
+    long_threshold: int | float = 0
     # Share of sequences drawn from the long pool.
     long_share: float = 0.0
     # Best-fit packs this many documents at a time, which bounds memory and keeps the order shuffled.
@@ -85,6 +95,7 @@ class PackingConfig:
         require(
             self.mode in PACKING_MODES, f"{key}.mode", f"must be one of {PACKING_MODES}, got {self.mode!r}"
         )
+        self.long_threshold = whole_number(self.long_threshold, f"{key}.long_threshold")
         require(self.long_threshold >= 0, f"{key}.long_threshold", "must be >= 0 (0 disables the long pool)")
         require(
             0.0 <= self.long_share < 1.0, f"{key}.long_share", f"must be in [0, 1), got {self.long_share}"
@@ -106,7 +117,11 @@ class DataConfig:
     # Read sources as streams, so a corpus larger than memory works.
     streaming: bool = True
     # Documents longer than this many characters are rejected (and listed in the rejects file).
-    max_doc_chars: int = 2_000_000
+    max_doc_chars: int | float = 2_000_000
+    # Encode every document as [BOS] + text + [EOS] (false: text + [EOS]). Labels never cross a document
+    # boundary, so without BOS nothing would learn how a document starts; generation and the exported
+    # tokenizer start from BOS too. Part of the shards' identity: changing it re-prepares them.
+    add_bos: bool = True
     # Share of documents held out for validation, chosen by a hash of the document index.
     val_fraction: float = 0.01
     # Documents per shard: shard boundaries depend only on document order, so an interrupted run resumes.
@@ -128,6 +143,7 @@ class DataConfig:
             if not source.name:
                 source.name = name
             source.validate(f"{key}.sources.{name}")
+        self.max_doc_chars = whole_number(self.max_doc_chars, f"{key}.max_doc_chars")
         require(self.max_doc_chars > 0, f"{key}.max_doc_chars", "must be positive")
         require(0.0 <= self.val_fraction < 0.5, f"{key}.val_fraction", "must be in [0, 0.5)")
         require(self.docs_per_shard >= 1, f"{key}.docs_per_shard", "must be at least 1")
@@ -161,7 +177,7 @@ class TokenizerConfig:
     # WordPiece: lowercase and strip accents like BERT uncased.
     lowercase: bool = False
     # Bytes of text streamed into training, sampled across sources by their weights.
-    byte_budget: int = 200_000_000
+    byte_budget: int | float = 200_000_000
     model_max_length: int = 4096
     dir: str = "${paths.artifacts}/tokenizers/${tokenizer.name}"
 
@@ -174,6 +190,7 @@ class TokenizerConfig:
         )
         require(self.vocab_size >= 64, f"{key}.vocab_size", f"must be at least 64, got {self.vocab_size}")
         require(self.min_frequency >= 1, f"{key}.min_frequency", "must be at least 1")
+        self.byte_budget = whole_number(self.byte_budget, f"{key}.byte_budget")
         require(self.byte_budget > 0, f"{key}.byte_budget", "must be positive")
         specials = [self.bos_token, self.eos_token, self.pad_token, self.unk_token]
         require(all(specials), f"{key}", "bos_token, eos_token, pad_token and unk_token must be set")

@@ -36,13 +36,17 @@ class SampleDataset(Protocol):
 def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     """Stack packed samples of seq_len + 1 tokens into inputs, shifted labels, positions and document ids.
 
-    Labels are -100 where the target token is padding (document id -1).
+    labels[t] = tokens[t + 1] when tokens t and t + 1 lie in the same segment (equal document ids, not -1), else
+    -100. The prediction at t attends only to its own segment, so a target in the next segment (at a
+    segment's last token) or in padding would be noise; the packers overlap a split document's pieces by one
+    token so that masking the first token of each piece loses no target.
     """
     tokens = np.stack([s["tokens"] for s in samples]).astype(np.int64, copy=False)
     position_ids = np.stack([s["position_ids"] for s in samples]).astype(np.int64, copy=False)
     document_ids = np.stack([s["document_ids"] for s in samples]).astype(np.int32, copy=False)
     labels = tokens[:, 1:].copy()
-    labels[document_ids[:, 1:] < 0] = IGNORE_INDEX
+    target_doc = document_ids[:, 1:]
+    labels[(target_doc != document_ids[:, :-1]) | (target_doc < 0)] = IGNORE_INDEX
     return {
         "input_ids": torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
         "labels": torch.from_numpy(labels),

@@ -52,6 +52,7 @@ def source_config_key(cfg: DataPipelineConfig, source: SourceConfig) -> dict[str
         "docs_per_shard": cfg.data.docs_per_shard,
         "val_fraction": cfg.data.val_fraction,
         "max_doc_chars": cfg.data.max_doc_chars,
+        "add_bos": cfg.data.add_bos,
     }
 
 

@@ -3,7 +3,8 @@
 Every source's documents are packed into a *pool* of sequences. With long-text mixing on
 (`data.packing.long_threshold > 0` and `long_share > 0`), documents of at least `long_threshold` tokens leave
 their sources' pools and form one *long pool* across sources, packed concat-and-chunk in shuffled document order
-and read in order, so each long document arrives as consecutive sequences with nothing interleaved inside it.
+and read in order, so each long document arrives as consecutive sequences with nothing interleaved inside it
+(consecutive sequences overlap by one token, so no token of a document loses its target at a cut).
 
 A global sample index g maps to (pool, k) in O(1): a block of `MIXTURE_BLOCK` slots is apportioned among pools by
 their shares (largest remainder), the slots of each pool spread evenly through the block, and the block repeats.
@@ -49,7 +50,8 @@ log = get_logger(__name__)
 MIXTURE_BLOCK = 10_000
 LONG_POOL = "long_docs"
 _LONG_TAG = 1_000_003  # keeps the long pool's seeds apart from the short pools' (pool index < this)
-FINGERPRINT_VERSION = 1
+# 2: pieces of a split document overlap by one token, which changed every packing.
+FINGERPRINT_VERSION = 2
 
 
 @dataclass
@@ -283,6 +285,7 @@ class MixtureDataset:
             "version": FINGERPRINT_VERSION,
             "split": self.split,
             "seed": self.config.seed,
+            "add_bos": self.config.add_bos,
             "packing": packing,
             "block": MIXTURE_BLOCK,
             "pad_id": self.pad_id,

@@ -8,8 +8,15 @@ million documents packs in seconds and costs a few dozen bytes per document. Two
   sequences, the remainder is packed like a short document); the pieces of each window of documents (in a
   seeded shuffled order) are packed best-fit-decreasing, which leaves little padding while keeping memory
   bounded and the order mixed;
-* concat: documents in shuffled order are concatenated and cut every `capacity` tokens (no padding except in
-  the last sequence, but documents are cut across sequences).
+* concat: documents in shuffled order are concatenated into one stream and sequence k is the stream's tokens
+  [k * (capacity - 1), k * (capacity - 1) + capacity) (no padding except in the last sequence, but documents
+  are cut across sequences).
+
+Attention never crosses a segment, so a segment's first token is never a target (the loader masks every label
+whose token lies in another segment). Consecutive pieces of a document therefore overlap by one token: the
+last token of piece k is also the first of piece k + 1, where it serves as context only, so every token of a
+document but its first is a target exactly once per epoch. A document of n tokens cut into pieces of at most
+`capacity` tokens advances by `capacity - 1` per piece; `PackingStats.overlap_tokens` counts the repeats.
 
 Each materialised sample carries its document boundaries (position ids restarting at 0 and a document id per
 position) so the model can keep attention inside documents.
@@ -141,11 +148,14 @@ class PackingStats:
     mode: str
     capacity: int
     n_docs: int
-    n_tokens: int
+    n_tokens: int  # document tokens, each counted once
     n_sequences: int
     padding_tokens: int
-    # best-fit: documents longer than the capacity (split into chunks); concat: documents cut across sequences.
+    # best-fit: documents longer than the capacity (split into chunks); concat: documents whose targets span
+    # more than one sequence.
     split_docs: int
+    # Tokens packed twice because consecutive pieces overlap by one (a piece's first token is context only).
+    overlap_tokens: int = 0
 
     @property
     def padding_fraction(self) -> float:
@@ -157,7 +167,8 @@ class PackingStats:
         return (
             f"{self.mode}: {self.n_docs} docs, {self.n_tokens} tokens -> {self.n_sequences} sequences of "
             f"{self.capacity}; padding {self.padding_tokens} tokens ({100 * self.padding_fraction:.2f}% of "
-            f"capacity); {self.split_docs} docs {split_what}"
+            f"capacity); {self.split_docs} docs {split_what}; {self.overlap_tokens} tokens repeated where "
+            "pieces overlap"
         )
 
 
@@ -225,15 +236,23 @@ def _best_fit_decreasing(piece_lengths: list[int], capacity: int) -> tuple[list[
 
 
 def _cut_into_pieces(docs: np.ndarray, lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, ...]:
-    """Full-capacity chunks of each document, and the remainder piece (if any) of each."""
-    n_full = lengths // capacity
+    """Full-capacity chunks of each document, and the remainder piece (if any) of each.
+
+    Pieces overlap by one token, so piece k starts at k * (capacity - 1): a document of n tokens has n - 1
+    targets, a full chunk holds capacity - 1 of them, and the remainder the rest plus the token before them. A
+    document of at most `capacity` tokens is one piece; a remainder of a single token would add no target and
+    is dropped (it is the last token of the previous chunk).
+    """
+    stride = capacity - 1
+    n_full = (lengths - 1) // stride
     total_full = int(n_full.sum())
     full_doc = np.repeat(docs, n_full)
     first_chunk = np.repeat(np.cumsum(n_full) - n_full, n_full)
-    full_start = (np.arange(total_full, dtype=np.int64) - first_chunk) * capacity
-    rem = lengths - n_full * capacity
-    has_rem = rem > 0
-    return full_doc, full_start, docs[has_rem], (n_full * capacity)[has_rem], rem[has_rem]
+    full_start = (np.arange(total_full, dtype=np.int64) - first_chunk) * stride
+    rem_start = n_full * stride
+    rem = lengths - rem_start
+    has_rem = (rem > 1) | (n_full == 0)
+    return full_doc, full_start, docs[has_rem], rem_start[has_rem], rem[has_rem]
 
 
 def _index_from_bins(
@@ -293,14 +312,16 @@ def pack_best_fit(
         n_bins,
     )
     n_tokens = int(lengths[ids].sum())
+    packed = int(seg_len.sum())
     stats = PackingStats(
         mode="best_fit",
         capacity=capacity,
         n_docs=len(ids),
         n_tokens=n_tokens,
         n_sequences=n_bins,
-        padding_tokens=n_bins * capacity - n_tokens,
+        padding_tokens=n_bins * capacity - packed,
         split_docs=int(np.count_nonzero(lengths[ids] > capacity)),
+        overlap_tokens=packed - n_tokens,
     )
     return PackedIndex(capacity, seq_offsets, seg_doc, seg_start, seg_len, stats)
 
@@ -308,41 +329,59 @@ def pack_best_fit(
 def pack_concat(
     lengths: np.ndarray, capacity: int, *, seed: Seed, doc_ids: np.ndarray | None = None
 ) -> PackedIndex:
-    """Concatenate the documents in a seeded shuffled order and cut every `capacity` tokens.
+    """Concatenate the documents in a seeded shuffled order and cut the stream into overlapping sequences.
 
-    Only the last sequence is padded; a document crossing a multiple of `capacity` continues, in order, at
-    the start of the next sequence, so consecutive sequences hold a long document contiguously.
+    Sequence k holds stream tokens [k * stride, k * stride + capacity) with stride = capacity - 1: its first
+    token is the last of sequence k - 1, context only, so every stream token but a document's first is a target
+    exactly once. Only the last sequence is padded; a document crossing a sequence boundary continues, in
+    order, in the next sequence, so consecutive sequences hold a long document contiguously. Where the
+    boundary token ends a document (or starts one) it forms a one-token segment with no target: the same one
+    position per sequence that the overlap costs anyway. The number of sequences depends only on the total.
     """
     _check_capacity(capacity)
     ids, lengths = _select(lengths, doc_ids)
     order = np.random.default_rng(seed).permutation(ids)
+    stride = capacity - 1
     doc_len = lengths[order]
     doc_end = np.cumsum(doc_len)
     doc_begin = doc_end - doc_len
     total = int(doc_end[-1]) if len(doc_end) else 0
-    n_seq = -(-total // capacity)
-    cuts = np.union1d(doc_begin, np.arange(0, total, capacity, dtype=np.int64))
-    seg_end = np.append(cuts[1:], total).astype(np.int64)
-    owner = np.searchsorted(doc_begin, cuts, side="right") - 1
-    seq_of = cuts // capacity
-    seq_offsets = np.searchsorted(seq_of, np.arange(n_seq + 1), side="left").astype(np.int64)
-    first_seq = doc_begin // capacity
-    last_seq = (doc_end - 1) // capacity
+    n_seq = -(-(total - 1) // stride) if total > 1 else total
+    # Segments start where a sequence starts and where a document starts inside one. Document start b lies in
+    # sequence b // stride at b % stride and, when that is 0 (and b > 0), also last in the sequence before.
+    seq_first = np.arange(n_seq, dtype=np.int64)
+    q, r = np.divmod(doc_begin, stride)
+    inner, last = r > 0, (r == 0) & (q > 0)
+    cut_seq = np.concatenate([seq_first, q[inner], q[last] - 1])
+    cut_at = np.concatenate([seq_first * stride, doc_begin[inner], doc_begin[last]])
+    by_place = np.argsort(cut_seq * capacity + (cut_at - cut_seq * stride), kind="stable")
+    cut_seq, cut_at = cut_seq[by_place], cut_at[by_place]
+    seq_stop = np.minimum(cut_seq * stride + capacity, total)
+    same_seq_next = np.zeros(len(cut_seq), dtype=bool)
+    same_seq_next[:-1] = cut_seq[1:] == cut_seq[:-1]
+    seg_end = np.where(same_seq_next, np.append(cut_at[1:], 0), seq_stop)
+    owner = np.searchsorted(doc_begin, cut_at, side="right") - 1
+    seq_offsets = np.searchsorted(cut_seq, np.arange(n_seq + 1), side="left").astype(np.int64)
+    seg_len = (seg_end - cut_at).astype(np.int64)
+    # A document's targets are its tokens 1..n-1, and stream target p falls in sequence (p - 1) // stride.
+    spans = (doc_len >= 2) & (doc_begin // stride != (doc_end - 2) // stride)
+    packed = int(seg_len.sum())
     stats = PackingStats(
         mode="concat",
         capacity=capacity,
         n_docs=len(order),
         n_tokens=total,
         n_sequences=n_seq,
-        padding_tokens=n_seq * capacity - total,
-        split_docs=int(np.count_nonzero(first_seq != last_seq)),
+        padding_tokens=n_seq * capacity - packed,
+        split_docs=int(np.count_nonzero(spans)),
+        overlap_tokens=packed - total,
     )
     return PackedIndex(
         capacity,
         seq_offsets,
         order[owner].astype(np.int64),
-        (cuts - doc_begin[owner]).astype(np.int64),
-        (seg_end - cuts).astype(np.int64),
+        (cut_at - doc_begin[owner]).astype(np.int64),
+        seg_len,
         stats,
     )
 

@@ -146,7 +146,7 @@ def _build(cfg: DataPipelineConfig, source: SourceConfig, builder: SourceBuilder
         )
         for doc in documents:
             try:
-                digest = text_digest(doc.text.encode("utf-8"))
+                digest = text_digest(doc.text.encode("utf-8"), bos=cfg.data.add_bos)
             except UnicodeEncodeError as error:  # lone surrogates: the tokenizer cannot take them
                 rejects.add(source.name, doc.location, "invalid_utf8", str(error))
                 continue
@@ -293,7 +293,7 @@ def prepare(cfg: DataPipelineConfig) -> dict[str, dict]:
         workers,
         cfg.data.shards_dir,
     )
-    encoder = Encoder(tokenizer, info, workers)
+    encoder = Encoder(tokenizer, info, workers, add_bos=cfg.data.add_bos)
     try:
         return {
             source.name: prepare_source(cfg, source, info, encoder) for source in cfg.data.sources.values()

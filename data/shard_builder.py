@@ -1,10 +1,11 @@
 """One source's documents into shards: reuse what a valid shard on disk already holds, tokenize the rest.
 
 Shard k of a split holds that split's documents [k * docs_per_shard, (k + 1) * docs_per_shard), so boundaries
-depend only on document order. Each shard stores a digest of every document's text, so a shard on disk (valid,
-same tokenizer) is matched document by document against the new stream: while all match, nothing is tokenized;
-at the first difference (or a different count) the matching prefix's tokens are copied from the old file into a
-new one and tokenizing starts from there. An unchanged shard is kept as it is (same bytes, same mtime).
+depend only on document order. Each shard stores a digest of every document's text and encoding (with a BOS or
+not), so a shard on disk (valid, same tokenizer) is matched document by document against the new stream: while
+all match, nothing is tokenized; at the first difference (or a different count) the matching prefix's tokens are
+copied from the old file into a new one and tokenizing starts from there. An unchanged shard is kept as it is
+(same bytes, same mtime).
 
 The builder sees every document of the source, but builds only the shards that `owned(split, index)` allows:
 the others are counted and digested, never tokenized (a task of a `data.prepare` job array).
@@ -33,9 +34,17 @@ from data.tokenizer import TokenizerInfo
 log = get_logger("data.prepare")
 
 
-def text_digest(data: bytes) -> int:
-    """A 64-bit digest of a document's UTF-8 text, stored per document in its shard."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+# Personalises the digest of documents encoded with a BOS (`data.add_bos`); without one it is the plain digest,
+# as in shards written before documents had a BOS, so those stay reusable for `data.add_bos=false` only.
+_BOS_PERSON = b"bos+text+eos"
+
+
+def text_digest(data: bytes, *, bos: bool) -> int:
+    """A 64-bit digest of a document's UTF-8 text and of how it is encoded (with a BOS or not), stored per
+    document in its shard: a shard on disk is reused document by document only when the digests match, so a
+    shard encoded the other way is never taken for this run's."""
+    person = _BOS_PERSON if bos else b""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8, person=person).digest(), "little")
 
 
 @dataclass

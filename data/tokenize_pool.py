@@ -1,4 +1,5 @@
-"""Batch tokenizing for `data.prepare`: texts in, token ids with EOS out, on a pool of single-threaded workers.
+"""Batch tokenizing for `data.prepare`: texts in, documents of token ids out ([BOS] + ids + [EOS], or ids + [EOS]
+with `data.add_bos=false`), on a pool of single-threaded workers.
 
 A process pool was measured against Rust threads (`encode_batch_fast` over all cores in one process) on 2 cores:
 the same speed within noise there, but the pool also spreads the id-list-to-numpy conversion over the cores,
@@ -25,36 +26,40 @@ JOBS_IN_FLIGHT_PER_WORKER = 2
 
 
 def encode_documents(
-    tokenizer: Tokenizer, texts: list[str], eos_id: int, dtype: np.dtype
+    tokenizer: Tokenizer, texts: list[str], eos_id: int, dtype: np.dtype, bos_id: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of `texts` back to back, each followed by EOS, and the length of each (EOS included)."""
+    """Token ids of `texts` back to back, each as [BOS] + ids + [EOS] (no BOS when `bos_id` is None), and the
+    length of each (BOS and EOS included)."""
     encode = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
     ids = [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1
+    head = 0 if bos_id is None else 1
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + head + 1
     tokens = np.empty(int(lengths.sum()), dtype=dtype)
     end = 0
     for doc_ids in ids:
-        start, end = end, end + len(doc_ids) + 1
-        tokens[start : end - 1] = doc_ids
+        start, end = end, end + head + len(doc_ids) + 1
+        if head:
+            tokens[start] = bos_id
+        tokens[start + head : end - 1] = doc_ids
         tokens[end - 1] = eos_id
     return tokens, lengths
 
 
-_worker: tuple[Tokenizer, int, np.dtype] | None = None
+_worker: tuple[Tokenizer, int, np.dtype, int | None] | None = None
 
 
-def _init_worker(tokenizer_json: str, eos_id: int, dtype: str) -> None:
+def _init_worker(tokenizer_json: str, eos_id: int, dtype: str, bos_id: int | None) -> None:
     # One thread per process: the pool is the parallelism, and Rust threads would oversubscribe the cores.
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     global _worker
-    _worker = (Tokenizer.from_str(tokenizer_json), eos_id, np.dtype(dtype))
+    _worker = (Tokenizer.from_str(tokenizer_json), eos_id, np.dtype(dtype), bos_id)
 
 
 def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     assert _worker is not None, "tokenizer worker was not initialised"
-    tokenizer, eos_id, dtype = _worker
-    return encode_documents(tokenizer, texts, eos_id, dtype)
+    tokenizer, eos_id, dtype, bos_id = _worker
+    return encode_documents(tokenizer, texts, eos_id, dtype, bos_id)
 
 
 def _start_method() -> str:
@@ -66,11 +71,15 @@ def _start_method() -> str:
 
 
 class Encoder:
-    """Tokenizes batches of texts asynchronously: a process pool of `workers`, or inline when workers == 1."""
+    """Tokenizes batches of texts asynchronously: a process pool of `workers`, or inline when workers == 1.
 
-    def __init__(self, tokenizer: Tokenizer, info: TokenizerInfo, workers: int) -> None:
+    `add_bos` (`data.add_bos`) starts every document with the tokenizer's BOS token.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, info: TokenizerInfo, workers: int, *, add_bos: bool) -> None:
         self.tokenizer = tokenizer
         self.eos_id = info.eos_id
+        self.bos_id = info.bos_id if add_bos else None
         self.dtype = token_dtype(info.vocab_size)
         self.workers = workers
         self._pool: cf.ProcessPoolExecutor | None = None
@@ -79,7 +88,7 @@ class Encoder:
                 workers,
                 mp_context=multiprocessing.get_context(_start_method()),
                 initializer=_init_worker,
-                initargs=(tokenizer.to_str(), info.eos_id, self.dtype.str),
+                initargs=(tokenizer.to_str(), info.eos_id, self.dtype.str, self.bos_id),
             )
 
     def submit(self, texts: list[str]) -> cf.Future:
@@ -87,7 +96,7 @@ class Encoder:
         if self._pool is not None and texts:
             return self._pool.submit(_encode_in_worker, texts)
         future: cf.Future = cf.Future()
-        future.set_result(encode_documents(self.tokenizer, texts, self.eos_id, self.dtype))
+        future.set_result(encode_documents(self.tokenizer, texts, self.eos_id, self.dtype, self.bos_id))
         return future
 
     def close(self) -> None:

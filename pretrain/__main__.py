@@ -9,18 +9,25 @@ from omegaconf import DictConfig
 
 from data.prepare import ensure_data
 from pretrain.app import run_rank
-from pretrain.config import typed_pretrain_config
+from pretrain.config import ConfigError, typed_pretrain_config
 from pretrain.launch import accept_launcher_arguments, default_local_processes, spawn_local, under_launcher
+from pretrain.memory_check import ensure_fits
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    config = typed_pretrain_config(cfg)
-    if under_launcher():
-        run_rank(config)
-        return
-    ensure_data(config.data_pipeline())
-    code = spawn_local(default_local_processes(config.train.local_processes), sys.argv[1:])
+    try:
+        config = typed_pretrain_config(cfg)
+        if under_launcher():
+            run_rank(config)
+            return
+        ranks = default_local_processes(config.train.local_processes)
+        ensure_fits(config, ranks, ranks)
+        ensure_data(config.data_pipeline())
+    except ConfigError as err:  # a value the user can change: one line, not a traceback
+        sys.stderr.write(f"error: {err}\n")
+        sys.exit(2)
+    code = spawn_local(ranks, sys.argv[1:])
     if code:
         sys.exit(code)
 

@@ -6,6 +6,8 @@ from data.log import get_logger
 from data.prepare import ensure_data
 from pretrain import engine as eng
 from pretrain.config import PretrainConfig
+from pretrain.hardware import local_world_size
+from pretrain.memory_check import ensure_fits
 from pretrain.trainer import Trainer
 
 log = get_logger(__name__)
@@ -16,6 +18,7 @@ def run_rank(config: PretrainConfig) -> None:
     env = eng.init_distributed(config.deepspeed.timeout_minutes)
     trainer, clean = None, False
     try:
+        ensure_fits(config, env.world_size, local_world_size())
         if env.is_main:
             ensure_data(config.data_pipeline())
         eng.barrier()

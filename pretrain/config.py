@@ -23,11 +23,12 @@ from data.config import (
     TokenizerConfig,
     register_data_configs,
     require,
+    whole_number,
 )
 from pretrain.batching import schedule_layouts
 from pretrain.schedule import BatchSchedule
 
-__all__ = ["ConfigError", "require"]  # pretrain modules take both from here
+__all__ = ["ConfigError", "require", "whole_number"]  # pretrain modules take these from here
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 
@@ -123,7 +124,7 @@ class OptimConfig:
     lr: float = 3e-4
     # The LR decays to min_lr_ratio * lr at the end of training.
     min_lr_ratio: float = 0.1
-    warmup_tokens: int = 0
+    warmup_tokens: int | float = 0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
@@ -132,6 +133,7 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def validate(self, key: str = "optim") -> None:
+        self.warmup_tokens = whole_number(self.warmup_tokens, f"{key}.warmup_tokens")
         require(self.lr > 0, f"{key}.lr", f"must be positive, got {self.lr}")
         require(0.0 <= self.min_lr_ratio <= 1.0, f"{key}.min_lr_ratio", "must be in [0, 1]")
         require(self.warmup_tokens >= 0, f"{key}.warmup_tokens", "must be >= 0")
@@ -144,12 +146,25 @@ class OptimConfig:
         require(self.grad_clip >= 0, f"{key}.grad_clip", "must be >= 0 (0 disables clipping)")
 
 
+COUNT_KEYS = (
+    "reduce_bucket_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+)
+
+
 @dataclass
 class DeepSpeedConfig:
     """The knobs of the DeepSpeed engine; `pretrain.engine` turns them into DeepSpeed's JSON config."""
 
     zero_stage: int = 3
-    precision: str = "bf16"
+    # "auto": bf16 on CUDA and on CPUs with native bf16 matmul, fp32 elsewhere (decided at start, logged).
+    precision: str = "auto"
+    # Gradients are accumulated over micro-batches and reduced across ranks in this dtype; "bf16" saves
+    # memory and bandwidth at the cost of a gradient error that grows with the accumulation steps.
+    gradient_dtype: str = "fp32"
     # "none" or "cpu": ZeRO-Offload of the optimizer state / ZeRO-Infinity style parameter offload.
     offload_optimizer: str = "none"
     offload_param: str = "none"
@@ -158,19 +173,24 @@ class DeepSpeedConfig:
     checkpoint_every_n_layers: int = 1
     overlap_comm: bool = True
     contiguous_gradients: bool = True
-    reduce_bucket_size: int = 50_000_000
-    stage3_prefetch_bucket_size: int = 50_000_000
-    stage3_param_persistence_threshold: int = 100_000
-    stage3_max_live_parameters: int = 1_000_000_000
-    stage3_max_reuse_distance: int = 1_000_000_000
+    reduce_bucket_size: int | float = 50_000_000
+    stage3_prefetch_bucket_size: int | float = 50_000_000
+    stage3_param_persistence_threshold: int | float = 100_000
+    stage3_max_live_parameters: int | float = 1_000_000_000
+    stage3_max_reuse_distance: int | float = 1_000_000_000
     # Collective timeout: a hung rank makes the job fail instead of hanging forever.
     timeout_minutes: float = 30.0
     # Raw DeepSpeed keys merged last, for anything not modelled above.
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, key: str = "deepspeed") -> None:
+        for name in COUNT_KEYS:
+            setattr(self, name, whole_number(getattr(self, name), f"{key}.{name}"))
         require(self.zero_stage in (0, 1, 2, 3), f"{key}.zero_stage", "must be 0, 1, 2 or 3")
-        require(self.precision in ("bf16", "fp32"), f"{key}.precision", "must be 'bf16' or 'fp32'")
+        require(
+            self.precision in ("auto", "bf16", "fp32"), f"{key}.precision", "must be 'auto', 'bf16' or 'fp32'"
+        )
+        require(self.gradient_dtype in ("fp32", "bf16"), f"{key}.gradient_dtype", "must be 'fp32' or 'bf16'")
         for name in ("offload_optimizer", "offload_param"):
             require(getattr(self, name) in ("none", "cpu"), f"{key}.{name}", "must be 'none' or 'cpu'")
         require(
@@ -189,12 +209,12 @@ class TrainConfig:
     # One run directory per run name: runs/<run_name>/ (checkpoints, logs, wandb).
     run_name: str = "default"
     seed: int = 1234
-    total_tokens: int = MISSING
+    total_tokens: int | float = MISSING
     # Final global batch, in tokens (a multiple of seq_len * micro_batch_size * world_size).
-    global_batch_tokens: int = MISSING
+    global_batch_tokens: int | float = MISSING
     # Batch growth: start at this many tokens (0 = no growth) and reach the final size after ramp_tokens.
-    start_batch_tokens: int = 0
-    batch_ramp_tokens: int = 0
+    start_batch_tokens: int | float = 0
+    batch_ramp_tokens: int | float = 0
     # Sequences per rank per forward pass.
     micro_batch_size: int = 4
     # Validation every N optimizer steps (0 = only at the end) over this many global batches of held-out data.
@@ -212,8 +232,13 @@ class TrainConfig:
     max_bad_steps: int = 5
     # Stop after this many optimizer steps in this process (0 = no limit); for tests and preemption drills.
     stop_after_steps: int = 0
+    # Before building the engine, compare the planner's memory need per rank with the device (GPU memory, or
+    # host memory for CPU ranks and offload) and stop when it cannot fit; false lets an expert proceed.
+    check_memory: bool = True
 
     def validate(self, key: str = "train") -> None:
+        for name in ("total_tokens", "global_batch_tokens", "start_batch_tokens", "batch_ramp_tokens"):
+            setattr(self, name, whole_number(getattr(self, name), f"{key}.{name}"))
         require(bool(self.run_name) and "/" not in self.run_name, f"{key}.run_name", "must be a plain name")
         require(self.total_tokens > 0, f"{key}.total_tokens", "must be positive")
         require(self.global_batch_tokens > 0, f"{key}.global_batch_tokens", "must be positive")

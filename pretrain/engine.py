@@ -20,7 +20,7 @@ from data.loader import IGNORE_INDEX
 from data.log import get_logger
 from pretrain.batching import BatchLayout
 from pretrain.config import PretrainConfig
-from pretrain.launch import cpu_threads_per_rank
+from pretrain.hardware import cpu_threads_per_rank, resolve_precision
 from pretrain.model import Transformer
 
 log = get_logger(__name__)
@@ -71,9 +71,23 @@ def init_distributed(timeout_minutes: float) -> DistEnv:
     return env
 
 
-def deepspeed_config(cfg: PretrainConfig, layout: BatchLayout) -> dict[str, Any]:
-    """DeepSpeed's JSON config, generated from the Hydra config, for the batch `layout`."""
+def merge_deep(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra` merged in key by key at every depth (a nested key replaces only itself)."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_deep(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def deepspeed_config(cfg: PretrainConfig, layout: BatchLayout, precision: str = "bf16") -> dict[str, Any]:
+    """DeepSpeed's JSON config, generated from the Hydra config, for the batch `layout` and the resolved
+    `precision`. Gradients are accumulated and reduced in `deepspeed.gradient_dtype` (fp32 by default), as
+    Megatron and torchtitan do: DeepSpeed would otherwise use the model dtype for both."""
     ds = cfg.deepspeed
+    grad_dtype = ds.gradient_dtype if precision == "bf16" else "fp32"
     zero: dict[str, Any] = {
         "stage": ds.zero_stage,
         "overlap_comm": ds.overlap_comm,
@@ -98,14 +112,15 @@ def deepspeed_config(cfg: PretrainConfig, layout: BatchLayout) -> dict[str, Any]
         "train_micro_batch_size_per_gpu": layout.micro_batch,
         "gradient_accumulation_steps": layout.accumulation,
         "gradient_clipping": cfg.optim.grad_clip,
-        "bf16": {"enabled": ds.precision == "bf16"},
+        "bf16": {"enabled": precision == "bf16"},
+        "data_types": {"grad_accum_dtype": grad_dtype},
+        "communication_data_type": grad_dtype,
         "zero_optimization": zero,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
-    config.update(ds.extra)
-    return config
+    return merge_deep(config, ds.extra)
 
 
 def parameter_groups(
@@ -147,7 +162,10 @@ class TrainingEngine:
 
         self.cfg = cfg
         self.env = env
-        self.ds_config = deepspeed_config(cfg, layout)
+        # Decided on rank 0 and shared, so every rank builds the same engine even on mixed hardware.
+        self.precision, why = broadcast_object(resolve_precision(cfg.deepspeed.precision))
+        log.info("training in %s (%s)", self.precision, why)
+        self.ds_config = deepspeed_config(cfg, layout, self.precision)
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=cfg.deepspeed.zero_stage == 3):
             model = Transformer(cfg.model)
         if cfg.deepspeed.activation_checkpointing:
@@ -173,10 +191,17 @@ class TrainingEngine:
 
     # -- training -----------------------------------------------------------------------------------------
     def forward_backward(
-        self, batch: dict[str, torch.Tensor], *, last: bool, poison: bool = False
+        self, batch: dict[str, torch.Tensor], *, last: bool, global_targets: int, poison: bool = False
     ) -> torch.Tensor:
-        """One micro-batch: forward, loss, backward, and DeepSpeed's step, which applies the optimizer only at
-        the gradient-accumulation boundary: `last`, the final micro-batch of the global batch.
+        """One micro-batch: forward, backward, and DeepSpeed's step, which applies the optimizer only at the
+        gradient-accumulation boundary: `last`, the final micro-batch of the global batch. Returns the summed
+        token loss of the micro-batch.
+
+        The gradient is that of the mean loss per target token of the whole global batch (`global_targets`
+        over every micro-batch and rank), as torchtitan and OLMo-core normalise: each micro-batch's summed
+        loss is scaled by world_size / global_targets, and DeepSpeed's own division by the accumulation steps
+        is turned off, so after its average over ranks every target token weighs the same, whatever the
+        micro-batch size, the padding or the number of ranks.
 
         The boundary is set explicitly rather than left to DeepSpeed's micro-step counter: that counter is not
         restored from checkpoints, and when the batch grows it would fall out of step with the global batch.
@@ -184,19 +209,31 @@ class TrainingEngine:
         A non-finite gradient norm makes DeepSpeed skip the optimizer step and drop the gradients, leaving the
         optimizer state unchanged; `poison` (a fault drill) turns the loss into NaN to exercise that path.
         """
+        loss_sum = self.backward(batch, last=last, global_targets=global_targets, poison=poison)
+        self.engine.step()
+        return loss_sum
+
+    def backward(
+        self, batch: dict[str, torch.Tensor], *, last: bool, global_targets: int, poison: bool = False
+    ) -> torch.Tensor:
+        """The forward and backward half of `forward_backward` (gradients reduced at the boundary, no step)."""
         self.engine.set_gradient_accumulation_boundary(last)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        loss = self.engine(
+        loss_sum = self.engine(
             batch["input_ids"],
             position_ids=batch["position_ids"],
             document_ids=batch["document_ids"],
             labels=batch["labels"],
+            reduction="sum",
         )
         if poison:
-            loss = loss * float("nan")
-        self.engine.backward(loss)
+            loss_sum = loss_sum * float("nan")
+        scale = self.env.world_size / max(1, global_targets)
+        self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
+        return loss_sum.detach()
+
+    def step(self) -> None:
         self.engine.step()
-        return loss.detach()
 
     @property
     def skipped_steps(self) -> int:
@@ -213,15 +250,15 @@ class TrainingEngine:
         """Summed token loss and token count of one micro-batch, for exact averages across ranks."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         self.engine.eval()
-        loss = self.engine(
+        loss_sum = self.engine(
             batch["input_ids"],
             position_ids=batch["position_ids"],
             document_ids=batch["document_ids"],
             labels=batch["labels"],
+            reduction="sum",
         )
         self.engine.train()
-        count = int((batch["labels"] != IGNORE_INDEX).sum())
-        return float(loss) * count, count
+        return float(loss_sum), int((batch["labels"] != IGNORE_INDEX).sum())
 
     def local_parameter_count(self) -> tuple[int, int]:
         """(elements held by this rank, total elements): ZeRO-3 holds about total / world_size per rank."""
@@ -237,15 +274,52 @@ class TrainingEngine:
 
     # -- checkpoints (the format is DeepSpeed's; commit and selection live in pretrain.checkpoint) ----------
     def save(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
-        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
+        # Each group's hyperparameters travel with the checkpoint: a universal load needs them back (below).
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        state = {**client_state, "param_groups": groups}
+        self.engine.save_checkpoint(directory, tag=tag, client_state=state, save_latest=False)
 
-    def load(self, directory: str, tag: str) -> dict[str, Any]:
-        path, client_state = self.engine.load_checkpoint(
-            directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+    def load(self, directory: str, tag: str, *, universal: bool = False) -> dict[str, Any]:
+        """Load a checkpoint written at this world size, or with `universal` DeepSpeed's universal copy of one
+        written at any world size (`pretrain.reshard`)."""
+        self.engine._config.load_universal_checkpoint = universal
+        try:
+            path, client_state = self.engine.load_checkpoint(
+                directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+        finally:  # later loads and every save are the normal kind
+            self.engine._config.load_universal_checkpoint = False
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {directory}/{tag}")
-        return client_state or {}
+        client_state = client_state or {}
+        if universal:
+            self._repair_universal_load(client_state.get("param_groups"))
+        self._unshare_step_counters()
+        return client_state
+
+    def _repair_universal_load(self, saved_groups: list[dict[str, Any]] | None) -> None:
+        """DeepSpeed 0.19's ZeRO-3 universal load gives every parameter group the first group's
+        hyperparameters, so the no-decay group would come back decaying; restore each group's own."""
+        groups = self.engine.optimizer.optimizer.param_groups
+        if saved_groups is None or len(saved_groups) != len(groups):
+            raise RuntimeError(
+                f"the checkpoint records {0 if saved_groups is None else len(saved_groups)} optimizer parameter "
+                f"groups, the engine has {len(groups)}: it was written by another version of the trainer"
+            )
+        for group, saved in zip(groups, saved_groups, strict=True):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+
+    def _unshare_step_counters(self) -> None:
+        """Give every ZeRO-3 sub-group its own Adam step counter. DeepSpeed 0.19's universal load puts one step
+        tensor into all of them, and ZeRO-3 steps each sub-group separately, so the shared counter would
+        advance once per sub-group per step (a wrong bias correction ever after, saved into every later
+        checkpoint). Harmless after any other load."""
+        zero = self.engine.optimizer
+        inner = getattr(zero, "optimizer", None)
+        for flat in getattr(zero, "fp32_partitioned_groups_flat", []):
+            state = inner.state.get(flat, {}) if inner is not None else {}
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
 
 def _names_in(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[str]:

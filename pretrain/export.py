@@ -10,6 +10,7 @@ exporting never needs transformers installed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import MISSING
 
-from data.atomic_io import atomic_write_json, replace_dir
+from data.atomic_io import atomic_write_json, atomic_write_text, replace_dir
 from data.log import get_logger
 from data.tokenizer import load_tokenizer
 from pretrain.checkpoint import CheckpointError, check_state_dict, newest_weights
@@ -127,11 +128,14 @@ def write_hf_model(
     cfg: ModelConfig,
     tokenizer_dir: str | Path,
     dtype: str = "fp32",
+    add_bos: bool = True,
 ) -> Path:
     """Write `state` (our names, as `Transformer.state_dict()` or the consolidation gives) as an HF Llama dir.
 
-    Everything goes to a temporary sibling directory first and is renamed into place, so `out_dir` is either the
-    previous export or the complete new one, never a half-written mix.
+    `add_bos` is the run's `data.add_bos`: whether its documents started with BOS, so that the exported
+    tokenizer encodes text the way training did. Everything goes to a temporary sibling directory first and is
+    renamed into place, so `out_dir` is either the previous export or the complete new one, never a
+    half-written mix.
     """
     from safetensors.torch import save_file
 
@@ -155,11 +159,31 @@ def write_hf_model(
             if not source.is_file():
                 raise ExportError(f"tokenizer file {source} is missing; re-run `python -m data.tokenizer`")
             shutil.copyfile(source, tmp / name)
+        if add_bos:
+            _prepend_bos(tmp, info.bos_id)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _prepend_bos(directory: Path, bos_id: int) -> None:
+    """Make `AutoTokenizer(text)` give [BOS] + ids as training documents start: a post-processor in
+    tokenizer.json (what transformers applies to a PreTrainedTokenizerFast), and the same choice as
+    add_bos_token/add_eos_token in tokenizer_config.json for tools that read those flags instead."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    bos = tokenizer.id_to_token(bos_id)
+    tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
+    )
+    atomic_write_text(directory / "tokenizer.json", tokenizer.to_str(pretty=True))
+    config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.update(add_bos_token=True, add_eos_token=False)
+    atomic_write_json(directory / "tokenizer_config.json", config)
 
 
 @dataclass
@@ -187,7 +211,7 @@ def export(path: str | Path, out: str | Path | None = None, dtype: str = "fp32")
     checkpoint, state = newest_weights(path)
     cfg = checkpoint.config()
     out_dir = Path(out) if out is not None else checkpoint.run_dir / "hf" / checkpoint.tag
-    written = write_hf_model(out_dir, state, cfg.model, cfg.tokenizer.dir, dtype)
+    written = write_hf_model(out_dir, state, cfg.model, cfg.tokenizer.dir, dtype, cfg.data.add_bos)
     log.info("exported %s (step %d) to %s as %s", checkpoint.path, checkpoint.step, written, dtype)
     return written
 

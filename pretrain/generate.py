@@ -6,9 +6,9 @@ that Hydra's override grammar reserves, such as parentheses or commas, is quoted
 prompt is run through the model once (prefill) and every new token then costs one position thanks to the KV
 cache.
 
-Prompts are encoded as training saw documents: no BOS (the data pipeline never writes one) and positions from
-0; an empty prompt starts from EOS, the token that ends the previous document in training. Generation stops at
-EOS, after max_new_tokens, or when the model's context (model.max_seq_len) is full.
+Prompts are encoded as training documents start: BOS, then the prompt's ids, with positions from 0; an empty
+prompt is BOS alone, from which the model learnt how documents begin (`data.add_bos`, on by default). Generation
+stops at EOS, after max_new_tokens, or when the model's context (model.max_seq_len) is full.
 """
 
 from __future__ import annotations
@@ -143,9 +143,12 @@ def generate(
     return new
 
 
-def encode_prompt(tokenizer: Tokenizer, info: TokenizerInfo, prompt: str) -> list[int]:
-    """Prompt ids as a training document starts (no BOS); EOS alone for an empty prompt."""
+def encode_prompt(tokenizer: Tokenizer, info: TokenizerInfo, prompt: str, add_bos: bool = True) -> list[int]:
+    """Prompt ids as a training document starts: BOS + the prompt's ids when the run's documents had a BOS
+    (`data.add_bos`), BOS alone for an empty prompt; without BOS an empty prompt starts from EOS."""
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    if add_bos:
+        return [info.bos_id, *ids]
     return ids or [info.eos_id]
 
 
@@ -188,12 +191,13 @@ def _run(config: GenerateConfig) -> None:
     generator = torch.Generator(device=device).manual_seed(config.seed)
     max_len = cfg.model.max_seq_len
     for prompt in config.all_prompts():
-        prompt_ids = encode_prompt(tokenizer, info, prompt)
+        prompt_ids = encode_prompt(tokenizer, info, prompt, cfg.data.add_bos)
         if len(prompt_ids) >= max_len:
             log.warning(
                 "prompt has %d tokens; keeping the last %d (model.max_seq_len)", len(prompt_ids), max_len - 1
             )
-            prompt_ids = prompt_ids[-(max_len - 1) :]
+            start = prompt_ids[:1] if cfg.data.add_bos else []  # a document starts with its BOS
+            prompt_ids = start + prompt_ids[len(prompt_ids) - (max_len - 1 - len(start)) :]
         if len(prompt_ids) + config.max_new_tokens > max_len:
             log.warning("stopping at model.max_seq_len=%d tokens (prompt %d)", max_len, len(prompt_ids))
         new_ids = generate(model, prompt_ids, config, info.eos_id, generator)

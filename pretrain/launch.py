@@ -2,10 +2,6 @@
 
 `python -m pretrain` typed on a workstation has no launcher around it; it then starts `train.local_processes`
 copies of itself (one per GPU, or 2 on CPU so ZeRO-3 really shards), each with the torchrun-style environment.
-
-Whatever started the ranks, a CPU rank uses its share of the cores (`cpu_threads_per_rank`): torch's default
-of one thread per core in every rank oversubscribes the machine as soon as two ranks share it, and gloo's
-collectives then wait on descheduled threads (the deepspeed launcher sets no thread count; torchrun sets 1).
 """
 
 from __future__ import annotations
@@ -45,28 +41,6 @@ def accept_launcher_arguments(argv: list[str] | None = None) -> None:
             os.environ.setdefault("LOCAL_RANK", argv[i + 1])
             del argv[i : i + 2]
             return
-
-
-def local_world_size() -> int:
-    """Ranks on this machine, from whichever launcher started them (1 when none says)."""
-    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
-        value = os.environ.get(name, "")
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return 1
-
-
-def cpu_threads_per_rank() -> int:
-    """Intra-op threads for one CPU rank: OMP_NUM_THREADS when set, else this process's cores shared evenly
-    among the ranks of the machine."""
-    configured = os.environ.get("OMP_NUM_THREADS", "")
-    if configured.isdigit() and int(configured) > 0:
-        return int(configured)
-    cores = len(os.sched_getaffinity(0))
-    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")  # Slurm already gave each task its own cores
-    if per_task.isdigit() and int(per_task) > 0:
-        return max(1, min(cores, int(per_task)))
-    return max(1, cores // local_world_size())
 
 
 def default_local_processes(configured: int) -> int:

@@ -2,14 +2,16 @@
 
 Two parts, both in bytes:
 
-* Model state, from the exact parameter list of the model built on the meta device: the bf16 parameter shard,
-  the bf16 gradient shard, the fp32 master weights and the two fp32 Adam moments (2 + 2 + 4 + 8 bytes per
-  parameter, each parameter padded to a multiple of the world size and split over it), plus what DeepSpeed keeps
-  whole on every rank: parameters under `stage3_param_persistence_threshold`, the gathered bf16 parameters
-  (live set bounded by `stage3_max_live_parameters` plus the prefetch bucket, and the flat buffer of a coalesced
-  all-gather), the reduce bucket, and the fp32 gradient of one optimizer sub-group (`sub_group_size`) in the step. With `offload_optimizer` the shards of
-  gradients, master weights and moments live in host memory (plus an fp32 gradient copy for the CPU Adam);
-  with `offload_param` the bf16 parameter shard does too.
+* Model state, from the exact parameter list of the model built on the meta device: the parameter shard in the
+  training precision (bf16: 2 bytes), the gradient shard in `deepspeed.gradient_dtype` (fp32 by default: 4
+  bytes, where the micro-batches accumulate), the fp32 master weights and the two fp32 Adam moments (2 + 4 + 4
+  + 8 bytes per parameter, each parameter padded to a multiple of the world size and split over it), plus what
+  DeepSpeed keeps whole on every rank: parameters under `stage3_param_persistence_threshold`, the gathered
+  parameters (live set bounded by `stage3_max_live_parameters` plus the prefetch bucket, and the flat buffer of
+  a coalesced all-gather), the reduce bucket (in the gradient dtype, which is also the reduce-scatter's), and
+  the fp32 gradient of one optimizer sub-group (`sub_group_size`) in the step. With `offload_optimizer` the
+  shards of gradients, master weights and moments live in host memory (plus an fp32 gradient copy for the CPU
+  Adam); with `offload_param` the parameter shard does too.
 * Activations, from the tensors autograd saves in this model's layers (pre-norm RMSNorm in fp32, RoPE, GQA with
   a flash-style kernel that keeps no T x T matrix, SwiGLU), with and without per-layer recomputation, and the
   chunked fp32 loss. The activation formulas are checked against a measured peak in tests/pretrain/test_plan.py,
@@ -102,11 +104,16 @@ class ActivationMemory:
 
 
 def activation_memory(
-    model: ModelConfig, micro_batch: int, seq_len: int, checkpoint_every: int, dense_mask: bool
+    model: ModelConfig,
+    micro_batch: int,
+    seq_len: int,
+    checkpoint_every: int,
+    dense_mask: bool,
+    precision: str = "bf16",
 ) -> ActivationMemory:
     """Saved activations and backward peak; `checkpoint_every` 0 = no recomputation, n = every n-th layer.
 
-    Per layer (bf16 unless noted; b*t*h elements = one hidden state):
+    Per layer (bf16 unless noted, fp32 throughout when training in fp32; b*t*h elements = one hidden state):
       two RMSNorms: fp32 input + normalized bf16 + scaled output        8 + 8 bytes per element of b*t*h
       attention: q, k, v after RoPE (k, v scaled by kv_heads/heads), the kernel's output, o_proj's input
       SwiGLU: gate, silu(gate), up, their product                       4 x 2 bytes per element of b*t*ffn
@@ -114,19 +121,20 @@ def activation_memory(
     activations at a time. The loss upcasts `loss_chunk_size` rows of logits to fp32 at a time (recomputed in
     backward), or keeps fp32 log-probabilities of the whole micro-batch when it is not chunked.
     """
+    act = BF16 if precision == "bf16" else FP32  # bytes of an activation stored in the training dtype
     b, t, h, v = micro_batch, seq_len, model.dim, model.vocab_size
     bth, btf = b * t * h, b * t * model.ffn_dim
     kv_ratio = model.kv_heads / model.n_heads
-    norms = 2 * (FP32 + BF16 + BF16) * bth
-    attention = (3 * BF16 + 2 * BF16 * kv_ratio) * bth + FP32 * b * model.n_heads * t  # + log-sum-exp
-    layer_full = int(norms + attention + 4 * BF16 * btf)
-    layer_checkpointed = BF16 * bth
+    norms = 2 * (FP32 + act + act) * bth
+    attention = (3 * act + 2 * act * kv_ratio) * bth + FP32 * b * model.n_heads * t  # + log-sum-exp
+    layer_full = int(norms + attention + 4 * act * btf)
+    layer_checkpointed = act * bth
 
     layers = model.n_layers
     checkpointed = 0 if checkpoint_every <= 0 else math.ceil(layers / checkpoint_every)
     rope_tables = 2 * FP32 * b * t * model.head_dim
     mask = b * t * t if dense_mask else 0  # the boolean [B, 1, T, T] document mask of the SDPA path
-    final_norm = (FP32 + BF16 + BF16) * bth
+    final_norm = (FP32 + act + act) * bth
     rows = b * t
     chunk = model.loss_chunk_size
     if chunk == 0 or chunk >= rows:
@@ -145,7 +153,7 @@ def activation_memory(
     )
     # Backward of a recomputed layer holds its activations; without recomputation the SwiGLU gradients
     # (two b*t*ffn tensors) are the largest transient.
-    layer_backward = layer_full if checkpointed else 2 * BF16 * btf
+    layer_backward = layer_full if checkpointed else 2 * act * btf
     return ActivationMemory(
         layer_full=layer_full,
         layer_checkpointed=layer_checkpointed,
@@ -215,9 +223,14 @@ def zero3_memory(
     seq_len: int,
     strategy: Strategy,
     device: str = "cuda",
+    precision: str = "bf16",
 ) -> MemoryEstimate:
-    """Peak bytes per rank for one ZeRO stage-3 configuration (stages 0-2 with the same per-byte model)."""
+    """Peak bytes per rank for one ZeRO stage-3 configuration (stages 0-2 with the same per-byte model), training
+    in `precision` ("bf16" or "fp32", as resolved from `deepspeed.precision`)."""
     stage, total = ds.zero_stage, inventory.total
+    pbytes = BF16 if precision == "bf16" else FP32
+    gbytes = BF16 if precision == "bf16" and ds.gradient_dtype == "bf16" else FP32
+    pname, gname = f"{precision} parameter shard", f"{'bf16' if gbytes == BF16 else 'fp32'} gradient shard"
     shard = inventory.shard(world)
     param_shard = shard if stage == 3 else total
     grad_shard = shard if stage >= 2 else total
@@ -229,31 +242,32 @@ def zero3_memory(
     resident, cpu = est.resident, est.cpu
 
     if strategy.offload_param and stage == 3:
-        cpu["bf16 parameter shard"] = _pinned(BF16 * param_shard, device)
+        cpu[pname] = _pinned(pbytes * param_shard, device)
     else:
-        resident["bf16 parameter shard"] = BF16 * param_shard
+        resident[pname] = pbytes * param_shard
     if strategy.offload_optimizer:
-        cpu["bf16 gradient shard"] = _pinned(BF16 * grad_shard, device)
+        cpu[gname] = _pinned(gbytes * grad_shard, device)
         cpu["fp32 gradient copy"] = sum(_pinned(FP32 * n, device) for n in sub_groups)
         cpu["fp32 master weights"] = FP32 * optim_shard
         cpu["Adam moments (fp32)"] = 2 * FP32 * optim_shard
     else:
-        resident["bf16 gradient shard"] = BF16 * grad_shard
+        resident[gname] = gbytes * grad_shard
         resident["fp32 master weights"] = FP32 * optim_shard
         resident["Adam moments (fp32)"] = 2 * FP32 * optim_shard
     persistent = 0
     if stage == 3:
         persistent = inventory.persistent(ds.stage3_param_persistence_threshold)
-        resident["persistent parameters (whole)"] = BF16 * persistent
+        resident["persistent parameters (whole)"] = pbytes * persistent
     # The reduce bucket is allocated with torch.empty: whole on a GPU, only its written part resident on CPU.
     bucket_used = min(ds.reduce_bucket_size, total)
-    resident["reduce bucket"] = BF16 * (ds.reduce_bucket_size if device == "cuda" else bucket_used)
+    resident["reduce bucket"] = gbytes * (ds.reduce_bucket_size if device == "cuda" else bucket_used)
     acts = activation_memory(
         model,
         micro_batch,
         seq_len,
         ds.checkpoint_every_n_layers if strategy.checkpointing else 0,
         dense_mask=device != "cuda" or model.attention == "sdpa",
+        precision=precision,
     )
     est.activations = acts
     gathered = flat = 0
@@ -262,10 +276,10 @@ def zero3_memory(
         # smaller than that stays whole from the second step on); max_live_parameters bounds the set, checked
         # before each prefetch, so a prefetch bucket can come on top. A coalesced all-gather lands in one flat
         # bf16 buffer that is copied out per parameter, so both exist for a moment.
-        gathered = BF16 * min(
+        gathered = pbytes * min(
             total - persistent, ds.stage3_max_live_parameters + ds.stage3_prefetch_bucket_size
         )
-        flat = BF16 * min(total - persistent, ds.stage3_prefetch_bucket_size + inventory.largest)
+        flat = pbytes * min(total - persistent, ds.stage3_prefetch_bucket_size + inventory.largest)
     est.phases["forward"] = {
         "gathered parameters": gathered,
         "all-gather buffer": flat,
@@ -275,14 +289,14 @@ def zero3_memory(
     est.phases["backward"] = {
         "gathered parameters": gathered,
         "activations": acts.peak,
-        "gradient before the bucket": BF16 * inventory.largest,
+        "gradient before the bucket": pbytes * inventory.largest,
     }
     if not strategy.offload_optimizer:
-        # Per sub-group: bf16 gradients flattened, then cast to fp32; torch's foreach AdamW (CPU ranks) makes
-        # one more fp32 temporary, DeepSpeed's FusedAdam (GPU) none.
+        # Per sub-group: gradients flattened, then cast to fp32; torch's foreach AdamW (CPU ranks) makes one
+        # more fp32 temporary, DeepSpeed's FusedAdam (GPU) none.
         optimizer_temp = FP32 * largest_sub_group if device != "cuda" else 0
         est.phases["optimizer step"] = {
             "fp32 gradients of a sub-group": FP32 * largest_sub_group,
-            "flatten / optimizer temporaries": max(BF16 * largest_sub_group, optimizer_temp),
+            "flatten / optimizer temporaries": max(gbytes * largest_sub_group, optimizer_temp),
         }
     return est

@@ -262,8 +262,10 @@ class Transformer(nn.Module):
         document_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
-        """Logits [B, T, V], or with `labels` (IGNORE_INDEX skipped) the mean next-token cross-entropy.
+        """Logits [B, T, V], or with `labels` (IGNORE_INDEX skipped) the next-token cross-entropy: its mean
+        over the targets, or with `reduction="sum"` its sum (the trainer normalises by the global batch).
 
         `labels` are already shifted: labels[:, t] is the target for the prediction at position t. With a
         `cache`, `input_ids` continue the cached sequence: positions start at `cache.length`, attention sees
@@ -303,10 +305,15 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if labels is None:
             return self.lm_head(x)
-        return self.loss(x, labels)
+        total = self.loss(x, labels)
+        if reduction == "sum":
+            return total
+        if reduction != "mean":
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over the non-ignored labels, without fp32 logits for the whole batch.
+        """Summed cross-entropy over the non-ignored labels, without fp32 logits for the whole batch.
 
         Rows are processed `loss_chunk_size` at a time; while training each chunk is recomputed in backward,
         so only the hidden states are kept, never a [B*T, V] tensor of logits or log-probabilities.
@@ -321,7 +328,7 @@ class Transformer(nn.Module):
                 total = total + checkpoint(self._loss_sum, piece, targets, use_reentrant=False)
             else:
                 total = total + self._loss_sum(piece, targets)
-        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        return total
 
     def _loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()

@@ -165,8 +165,17 @@ def evaluate(
     cfg: PlanConfig, inventory: ParamInventory, strategy: Strategy, world: int, micro_batch: int
 ) -> Variant:
     """Memory of `strategy` on `world` GPUs of the cluster's kind, and whether GPUs and hosts hold it."""
+    precision = "fp32" if cfg.deepspeed.precision == "fp32" else "bf16"  # "auto" is bf16 on a GPU
     est = zero3_memory(
-        inventory, cfg.model, cfg.deepspeed, world, micro_batch, cfg.data.packing.seq_len, strategy, "cuda"
+        inventory,
+        cfg.model,
+        cfg.deepspeed,
+        world,
+        micro_batch,
+        cfg.data.packing.seq_len,
+        strategy,
+        "cuda",
+        precision,
     )
     need = gpu_need_gib(est.gpu_peak)
     ranks = min(cfg.cluster.gpus_per_node, world)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from data.loader import GlobalBatchLoader, split_micro_batches
+from data.loader import IGNORE_INDEX, GlobalBatchLoader, split_micro_batches
 from data.log import get_logger, progress_enabled
 from data.mixture import MixtureDataset
 from data.tokenizer import TokenizerInfo, load_tokenizer
@@ -91,6 +91,8 @@ class Trainer:
             eng.barrier,
             self._all_ranks_ok,
             config_text=config_yaml(cfg),
+            world_size=env.world_size,
+            seed=cfg.train.seed,
         )
         if env.is_main:
             run = RunDir(self.run_dir)
@@ -154,12 +156,17 @@ class Trainer:
         rank_batch = self.loader.next_batch(layout.sequences)
         poison = self.drills.poison_loss(self.state.step + 1)
         skipped_before = self.engine.skipped_steps
+        # The loss is normalised by the target tokens of the whole global batch, counted across ranks first.
+        local_targets = float((rank_batch["labels"] != IGNORE_INDEX).sum())
+        global_targets = int(eng.all_reduce_sum([local_targets], self.engine_device())[0])
         micro_batches = split_micro_batches(rank_batch, cfg.train.micro_batch_size)
-        losses = [
-            self.engine.forward_backward(mb, last=i == len(micro_batches) - 1, poison=poison)
+        loss_sums = [
+            self.engine.forward_backward(
+                mb, last=i == len(micro_batches) - 1, global_targets=global_targets, poison=poison
+            )
             for i, mb in enumerate(micro_batches)
         ]
-        assert len(losses) == layout.accumulation, (len(losses), layout.accumulation)
+        assert len(loss_sums) == layout.accumulation, (len(loss_sums), layout.accumulation)
         grad_norm = self.engine.last_grad_norm()
         skipped = self.engine.skipped_steps > skipped_before
         if not skipped and not math.isfinite(grad_norm):
@@ -167,7 +174,7 @@ class Trainer:
                 f"step {self.state.step + 1}: gradient norm {grad_norm} and DeepSpeed applied the step anyway;"
                 " this DeepSpeed version does not skip non-finite BF16 steps under ZeRO-3, upgrade it"
             )
-        local = torch.stack(losses).float().mean().item()
+        local = torch.stack(loss_sums).double().sum().item()
         # One collective carries the loss and the stop votes, so every rank stops after the same step.
         loss_sum, stop_votes = eng.all_reduce_sum([local, float(self.stop.requested)], self.engine_device())
         self.preempted = self.preempted or stop_votes > 0
@@ -193,12 +200,14 @@ class Trainer:
         else:
             self.bad_in_a_row = 0
         return {
-            "train/loss": loss_sum / self.env.world_size,
+            "train/loss": loss_sum / max(1, global_targets),
+            "train/target_tokens": float(global_targets),
             "train/lr": lr,
             "train/grad_norm": grad_norm,
             "train/batch_tokens": float(batch_tokens),
             "train/grad_accum": float(layout.accumulation),
             "train/tokens": float(self.state.tokens),
+            "train/samples": float(self.loader.position),
             "train/skipped_steps": float(self.state.skipped_steps),
         }
 
@@ -316,7 +325,7 @@ class Trainer:
 
     def sample(self, prompt: str, max_new_tokens: int) -> str:
         """A short top-k sample from the trained model; every rank runs it (ZeRO-3 gathers the weights)."""
-        ids = encode_prompt(self.tokenizer, self.tok_info, prompt)
+        ids = encode_prompt(self.tokenizer, self.tok_info, prompt, self.cfg.data.add_bos)
         sampling = SamplingConfig(
             max_new_tokens=max_new_tokens, temperature=0.8, top_k=20, seed=self.cfg.train.seed
         )

@@ -23,6 +23,24 @@ cpus_per_task() {
     echo "${SLURM_CPUS_PER_TASK:-1}"
 }
 
+# allocated_tasks: the tasks of the allocation this job has now, from SLURM_TASKS_PER_NODE ("2(x3),1" = 7).
+# A requeued job keeps the SLURM_NTASKS of its first allocation even when it comes back on fewer or more
+# nodes, so that variable cannot be trusted after a requeue.
+allocated_tasks() {
+    local total=0 part count times
+    local IFS=,
+    for part in ${SLURM_TASKS_PER_NODE:-${SLURM_NTASKS:-1}}; do
+        count=${part%%(*}
+        times=1
+        if [[ $part == *"(x"* ]]; then
+            times=${part##*(x}
+            times=${times%)}
+        fi
+        total=$((total + count * times))
+    done
+    echo "$total"
+}
+
 # print_header TITLE: one short block at the top of every job log (and again after each requeue).
 print_header() {
     echo "== $1: job ${SLURM_JOB_ID:-?}${SLURM_ARRAY_TASK_ID:+ (array ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID})}" \

@@ -51,6 +51,10 @@ export MASTER_ADDR=${nodes%%$'\n'*}
 # ephemeral range (32768+) and away from Slurm's own 6817/6818.
 export MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 10000))}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(cpus_per_task)}
+# One rank per task of the allocation the job has now: a requeued job may come back on another number of
+# nodes, and the run then resumes at that world size (its checkpoint is converted; nothing to do by hand).
+SLURM_NTASKS=$(allocated_tasks)
+export SLURM_NTASKS SLURM_NPROCS=$SLURM_NTASKS
 
 print_header "pretrain"
 echo "== master: $MASTER_ADDR:$MASTER_PORT, restarts so far: $restarts (at most $MAX_RESTARTS), overrides: $*"
@@ -73,7 +77,8 @@ trap forward_usr1 USR1
 
 # In the background: bash runs a trap only between commands, and `wait` is the one that returns early.
 # srun 22.05 does not inherit --cpus-per-task from the allocation, so it is passed on explicitly.
-srun --kill-on-bad-exit=1 --cpus-per-task="$(cpus_per_task)" "$PYTHON" -m pretrain "$@" &
+srun --kill-on-bad-exit=1 --nodes="${SLURM_JOB_NUM_NODES:-1}" --ntasks="$SLURM_NTASKS" \
+    --cpus-per-task="$(cpus_per_task)" "$PYTHON" -m pretrain "$@" &
 srun_pid=$!
 [ "$preempted" = 1 ] && kill -USR1 "$srun_pid" 2>/dev/null # USR1 came before srun started
 while :; do

@@ -17,7 +17,9 @@ def debug_artifacts(tmp_path_factory) -> Path:
     from pretrain.config import compose_pretrain_config
 
     artifacts = tmp_path_factory.mktemp("artifacts")
-    ensure_data(compose_pretrain_config(["+experiment=debug", f"paths.artifacts={artifacts}"]).data_pipeline())
+    ensure_data(
+        compose_pretrain_config(["+experiment=debug", f"paths.artifacts={artifacts}"]).data_pipeline()
+    )
     return artifacts
 
 

@@ -66,10 +66,11 @@ def test_batch_format(dataset: MixtureDataset) -> None:
         assert value.shape == (6, SEQ_LEN)
     sample = dataset[0]
     assert batch["input_ids"][0].tolist() == sample["tokens"][:-1].tolist()
-    target_is_pad = sample["document_ids"][1:] < 0
+    docs = sample["document_ids"]
+    masked = (docs[1:] < 0) | (docs[1:] != docs[:-1])  # padding, or the first token of the next segment
     labels = batch["labels"][0].numpy()
-    assert (labels[target_is_pad] == IGNORE_INDEX).all()
-    assert (labels[~target_is_pad] == sample["tokens"][1:][~target_is_pad]).all()
+    assert (labels[masked] == IGNORE_INDEX).all()
+    assert (labels[~masked] == sample["tokens"][1:][~masked]).all()
     assert batch["position_ids"][0].tolist() == sample["position_ids"][:-1].tolist()
     assert (batch["document_ids"] >= -1).all()
 
@@ -144,6 +145,19 @@ def test_prefetch_does_not_change_results(dataset: MixtureDataset) -> None:
         fetching.load_state_dict({"position": 4, "dataset_fingerprint": dataset.fingerprint()})
         plain.position = 4
         assert_batches_equal(plain.next_batch(8), fetching.next_batch(8))
+
+
+def test_labels_stay_inside_segments() -> None:
+    # Two segments (ids 0 and 1) and two tokens of padding: the label at each segment's last token and every
+    # label on or into padding is masked.
+    sample = {
+        "tokens": np.array([5, 6, 7, 8, 9, PAD, PAD]),
+        "position_ids": np.array([0, 1, 2, 0, 1, 0, 1]),
+        "document_ids": np.array([0, 0, 0, 1, 1, -1, -1], dtype=np.int32),
+    }
+    batch = collate([sample])
+    assert batch["labels"][0].tolist() == [6, 7, IGNORE_INDEX, 9, IGNORE_INDEX, IGNORE_INDEX]
+    assert batch["input_ids"][0].tolist() == [5, 6, 7, 8, 9, PAD]
 
 
 def test_micro_batches(dataset: MixtureDataset) -> None:

@@ -143,7 +143,7 @@ def test_long_pool_share_and_contiguity(corpus: Path) -> None:
         for src, doc, start, length in segments:
             assert lengths[src][doc] >= 150
             if (src, doc) == current:
-                assert start == expected_start, "a long document continues where it stopped"
+                assert start == expected_start - 1, "a long document continues on the token where it stopped"
             else:
                 assert current is None or expected_start == lengths[current[0]][current[1]], (
                     "previous doc finished"
@@ -163,8 +163,9 @@ def test_every_sequence_once_per_epoch(corpus: Path) -> None:
     assert len(set(first)) == len(first)
     assert set(first) == set(second)
     assert first != second, "each epoch has its own order"
-    covered = sum(length for _, _, _, length in first)
-    assert covered == int(dataset.source_doc_lengths("books").sum())
+    # Every token of a document but its first is a target once: a segment of n tokens holds n - 1 targets.
+    targets = sum(length - 1 for _, _, _, length in first)
+    assert targets == int((dataset.source_doc_lengths("books") - 1).sum())
 
 
 def test_repetition_cap_errors_naming_the_source(corpus: Path) -> None:
@@ -225,15 +226,15 @@ def test_val_split_reads_every_sequence_once_and_per_source(corpus: Path) -> Non
     config = make_config(corpus, {"web": 0.5, "code": 0.3, "books": 0.2}, long_threshold=150, long_share=0.2)
     val = build(config, split="val")
     segments = [s for g in range(len(val)) for s in val.describe_sample(g)]
-    val_tokens = sum(int(val.source_doc_lengths(name).sum()) for name in config.sources)
-    assert sum(length for *_, length in segments) == val_tokens
+    val_targets = sum(int((val.source_doc_lengths(name) - 1).sum()) for name in config.sources)
+    assert sum(length - 1 for *_, length in segments) == val_targets
     assert len(set(segments)) == len(segments)
     with pytest.raises(IndexError):
         val[len(val)]
     books = val.for_source("books")
     assert {src for g in range(len(books)) for src, *_ in books.describe_sample(g)} == {"books"}
-    assert sum(length for g in range(len(books)) for *_, length in books.describe_sample(g)) == int(
-        val.source_doc_lengths("books").sum()
+    assert sum(length - 1 for g in range(len(books)) for *_, length in books.describe_sample(g)) == int(
+        (val.source_doc_lengths("books") - 1).sum()
     )
 
 

@@ -1,6 +1,9 @@
-"""Packing: every token exactly once, nothing over capacity, document boundaries in every sample."""
+"""Packing: every document covered by pieces that overlap by one token, nothing over capacity, document boundaries
+in every sample."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
@@ -30,10 +33,6 @@ def check_packing(store: ArrayDocumentStore, index: PackedIndex, doc_ids: np.nda
     capacity = index.capacity
     lengths = store.doc_lengths()
     chosen = np.arange(len(lengths)) if doc_ids is None else doc_ids
-    expected = np.concatenate(
-        [store.read(int(d), 0, int(lengths[d])) for d in chosen] + [np.zeros(0, np.int64)]
-    )
-    seen = []
     for seq in range(index.n_sequences):
         sample = materialize(store, index, seq, PAD)
         tokens, positions, docs = sample["tokens"], sample["position_ids"], sample["document_ids"]
@@ -58,13 +57,22 @@ def check_packing(store: ArrayDocumentStore, index: PackedIndex, doc_ids: np.nda
             segment = tokens[docs == j]
             assert len(segment) == length
             assert np.array_equal(segment, store.read(int(doc), int(start), int(length)))
-        seen.append(tokens[real])
     assert (index.seg_len > 0).all() and (index.seg_len <= capacity).all()
-    all_seen = np.sort(np.concatenate([*seen, np.zeros(0, np.int64)]))
-    assert np.array_equal(all_seen, np.sort(expected)), "every token of every document exactly once"
+    # Each chosen document is covered by its pieces in order: the first starts at 0, the last ends at the end,
+    # and each piece starts at the previous one's last token (context for the next piece's first target).
+    chosen_nonempty = [int(d) for d in chosen if lengths[d] > 0]
+    assert sorted(set(index.seg_doc.tolist())) == sorted(chosen_nonempty)
+    for doc in chosen_nonempty:
+        where = np.flatnonzero(index.seg_doc == doc)
+        where = where[np.lexsort((index.seg_len[where], index.seg_start[where]))]
+        starts, ends = index.seg_start[where], index.seg_start[where] + index.seg_len[where]
+        assert starts[0] == 0 and ends[-1] == lengths[doc]
+        assert np.array_equal(starts[1:], ends[:-1] - 1), "consecutive pieces overlap by exactly one token"
     stats = index.stats
-    assert stats.n_tokens == len(expected)
-    assert stats.padding_tokens == index.n_sequences * capacity - len(expected)
+    packed = int(index.seg_len.sum())
+    assert stats.n_tokens == int(lengths[np.asarray(chosen_nonempty, dtype=np.int64)].sum())
+    assert stats.overlap_tokens == packed - stats.n_tokens == len(index.seg_doc) - len(chosen_nonempty)
+    assert stats.padding_tokens == index.n_sequences * capacity - packed
 
 
 lengths_strategy = st.lists(st.integers(min_value=0, max_value=70), min_size=0, max_size=60)
@@ -78,14 +86,22 @@ def test_best_fit_properties(lengths: list[int], capacity: int, window: int, see
     store = unique_token_store(lengths)
     index = pack_best_fit(store.doc_lengths(), capacity, seed=seed, window_docs=window)
     check_packing(store, index)
-    # A document is split only when longer than the capacity, into full chunks and at most one remainder.
-    lengths_arr = np.asarray(lengths)
+    # A document is split only when longer than the capacity, into full chunks and at most one remainder: as
+    # few pieces as hold its n - 1 targets at capacity - 1 each (pieces overlap by one token).
+    lengths_arr = np.asarray(lengths, dtype=np.int64)
     pieces = (
         np.bincount(index.seg_doc, minlength=len(lengths)) if len(index.seg_doc) else np.zeros(len(lengths))
     )
-    expected_pieces = lengths_arr // capacity + (lengths_arr % capacity > 0)
-    assert np.array_equal(pieces, expected_pieces)
+    nonempty = lengths_arr > 0
+    assert np.array_equal(pieces[~nonempty], np.zeros(int((~nonempty).sum())))
+    assert np.array_equal(pieces[nonempty], np.maximum(1, -(-(lengths_arr[nonempty] - 1) // (capacity - 1))))
+    assert np.array_equal(pieces[nonempty] > 1, lengths_arr[nonempty] > capacity)
     assert index.stats.split_docs == int((lengths_arr > capacity).sum())
+    # Every piece of a split document but its last (the remainder, if any) is a full sequence of its own.
+    for doc in np.flatnonzero(lengths_arr > capacity):
+        where = np.flatnonzero(index.seg_doc == doc)
+        by_start = index.seg_len[where][np.argsort(index.seg_start[where])]
+        assert (by_start[:-1] == capacity).all()
 
 
 @settings(max_examples=60, deadline=None)
@@ -94,15 +110,25 @@ def test_concat_properties(lengths: list[int], capacity: int, seed: int) -> None
     store = unique_token_store(lengths)
     index = pack_concat(store.doc_lengths(), capacity, seed=seed)
     check_packing(store, index)
-    # Only the last sequence may be padded; a document's pieces are consecutive and in order.
+    # Only the last sequence may be padded; a document's pieces are consecutive and in order; each sequence
+    # starts with the last token of the one before, so the stream advances by capacity - 1 per sequence.
     filled = index.sequence_lengths()
     assert (filled[:-1] == capacity).all()
+    total = sum(lengths)
+    assert index.n_sequences == (-(-(total - 1) // (capacity - 1)) if total > 1 else total)
     for doc in np.unique(index.seg_doc):
         where = np.flatnonzero(index.seg_doc == doc)
         assert (np.diff(where) == 1).all()
         assert np.array_equal(
-            index.seg_start[where], np.concatenate([[0], np.cumsum(index.seg_len[where])[:-1]])
+            index.seg_start[where], np.concatenate([[0], np.cumsum(index.seg_len[where] - 1)[:-1]])
         )
+    samples = [materialize(store, index, seq, PAD)["tokens"] for seq in range(index.n_sequences)]
+    for before, after in itertools.pairwise(samples):
+        assert after[0] == before[-1]
+    # A document counts as cut when its targets (every token but its first) lie in more than one sequence,
+    # i.e. it has two or more pieces of at least two tokens.
+    long_pieces = np.bincount(index.seg_doc[index.seg_len >= 2], minlength=len(lengths))
+    assert index.stats.split_docs == int((long_pieces >= 2).sum())
 
 
 @settings(max_examples=30, deadline=None)
@@ -133,9 +159,10 @@ def test_best_fit_wastes_little_and_concat_cuts_documents() -> None:
     best = pack_best_fit(lengths, 257, seed=0, window_docs=1000)
     concat = pack_concat(lengths, 257, seed=0)
     assert best.stats.padding_fraction < 0.02
-    assert best.stats.split_docs == 0
+    assert best.stats.split_docs == 0 and best.stats.overlap_tokens == 0
     assert concat.stats.padding_tokens < 257
     assert concat.stats.split_docs > 0
+    assert concat.stats.overlap_tokens == concat.n_sequences - 1
     assert "padding" in best.stats.describe()
 
 
@@ -143,8 +170,12 @@ def test_long_document_chunks_are_full_sequences() -> None:
     store = unique_token_store([25, 3])
     index = pack_best_fit(store.doc_lengths(), 10, seed=0, window_docs=10)
     filled = sorted(index.sequence_lengths().tolist())
-    # 25 = 10 + 10 + 5; the 5-token remainder shares a sequence with the 3-token document.
-    assert filled == [8, 10, 10]
+    # 25 tokens as [0, 10), [9, 19) and the remainder [18, 25): each piece starts on the previous one's last
+    # token; the 7-token remainder shares a sequence with the 3-token document.
+    assert filled == [10, 10, 10]
+    first_doc = index.seg_doc == 0
+    pieces = sorted(zip(index.seg_start[first_doc].tolist(), index.seg_len[first_doc].tolist(), strict=True))
+    assert pieces == [(0, 10), (9, 10), (18, 7)]
 
 
 def test_concat_store_addresses_documents_across_stores() -> None:

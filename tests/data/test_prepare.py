@@ -1,4 +1,4 @@
-"""data.prepare: counts, EOS, the train/val split, reuse and resume, and dirty input that never crashes it."""
+"""data.prepare: counts, BOS and EOS, the train/val split, reuse and resume, and dirty input that never crashes it."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_split_is_stable_and_honours_the_fraction():
 EXPECTED_SPLIT = "tvttvvtttvtttvtttttvtttt"
 
 
-def test_manifest_counts_tokens_and_eos(tmp_path, corpus, tokenizer_dir):
+def test_manifest_counts_tokens_bos_and_eos(tmp_path, corpus, tokenizer_dir):
     path, texts = corpus
     cfg = prepare_config(tmp_path, path, tokenizer_dir)
     tokenizer, info = load_tokenizer(tokenizer_dir)
@@ -58,9 +58,10 @@ def test_manifest_counts_tokens_and_eos(tmp_path, corpus, tokenizer_dir):
         assert entry["tokens"] == sum(len(d) for d in docs) == sum(s["tokens"] for s in entry["shards"])
         assert [s["docs"] for s in entry["shards"][:-1]] == [40] * (len(entry["shards"]) - 1)
         for doc, text in zip(docs, expected[split], strict=True):
-            assert doc[-1] == info.eos_id and info.eos_id not in doc[:-1].tolist()
-            assert doc[:-1].tolist() == tokenizer.encode(text, add_special_tokens=False).ids
-            assert tokenizer.decode(doc[:-1].tolist()) == text
+            assert doc[0] == info.bos_id and doc[-1] == info.eos_id
+            assert info.bos_id not in doc[1:].tolist() and info.eos_id not in doc[:-1].tolist()
+            assert doc[1:-1].tolist() == tokenizer.encode(text, add_special_tokens=False).ids
+            assert tokenizer.decode(doc[1:-1].tolist()) == text
     assert manifest["rejects"] == {"total": 0, "by_reason": {}}
     assert (Path(cfg.data.shards_dir) / "web" / "rejects.jsonl").read_text() == ""
 
@@ -85,6 +86,34 @@ def test_rerun_reuses_and_resume_rebuilds_exactly_what_is_missing(tmp_path, corp
     assert after["train-00002.bin"][1] == before["train-00002.bin"][1], "rebuilt shard must be identical"
     assert {n for n in before if after[n][0] != before[n][0]} == {"train-00002.bin"}
     assert not [p for p in directory.iterdir() if ".tmp" in p.name]
+
+
+def test_add_bos_decides_the_shards(tmp_path, corpus, tokenizer_dir):
+    """Switching data.add_bos makes the shards stale, and the prepare that follows re-tokenizes every document
+    rather than reusing shards encoded the other way (their per-document digests differ)."""
+    path, texts = corpus
+    _, info = load_tokenizer(tokenizer_dir)
+    with_bos = prepare_config(tmp_path, path, tokenizer_dir)
+    prepare(with_bos)
+    assert why_prepare(with_bos, info.fingerprint) is None
+    without = prepare_config(tmp_path, path, tokenizer_dir, "data.add_bos=false")
+    assert "another source config" in (why_prepare(without, info.fingerprint) or "")
+    prepare(without)
+    assert why_prepare(without, info.fingerprint) is None
+    assert why_prepare(with_bos, info.fingerprint) is not None
+    fresh = prepare_config(tmp_path / "fresh", path, tokenizer_dir, "data.add_bos=false")
+    prepare(fresh)
+    assert _bytes(without) == _bytes(fresh), "shards with a BOS were reused for documents without one"
+    train = [t for i, t in enumerate(texts) if split_of("web", i, 0.1) == "train"]
+    docs = _split_docs(without, "train", info.fingerprint)
+    assert [d.tolist() for d in docs[:5]] == [
+        [*tokenizer_ids, info.eos_id] for tokenizer_ids in _ids(tokenizer_dir, train[:5])
+    ]
+
+
+def _ids(tokenizer_dir, texts: list[str]) -> list[list[int]]:
+    tokenizer, _ = load_tokenizer(tokenizer_dir)
+    return [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
 
 
 def _bytes(cfg) -> dict[str, bytes]:
@@ -280,7 +309,7 @@ def test_any_input_is_either_a_document_or_a_reject(tmp_path_factory, tokenizer_
     }
     for split in SPLITS:
         got = _split_docs(cfg, split, info.fingerprint)
-        valid = [tokenizer.decode(d[:-1].tolist()) for d in got]
+        valid = [tokenizer.decode(d[1:-1].tolist()) for d in got]
         assert [t for t in valid if t in expected[split]] == expected[split]
 
 
@@ -316,9 +345,10 @@ def test_embedded_corpus_with_a_tiny_bpe(tmp_path):
             for shard in shards:
                 ends = shard.doc_offsets[1:] - 1
                 assert (shard.tokens[ends] == info.eos_id).all()
+                assert (shard.tokens[shard.doc_offsets[:-1]] == info.bos_id).all()
         first = next(d for d in docs if split_of(name, d.ordinal, cfg.data.val_fraction) == "train")
         shard = load_split(cfg.data.shards_dir, name, "train", expected_fingerprint=info.fingerprint)[0]
-        assert tokenizer.decode(shard.doc(0)[:-1].tolist()) == first.text
+        assert tokenizer.decode(shard.doc(0)[1:-1].tolist()) == first.text
 
 
 def test_cli_needs_a_tokenizer_then_prepares(tmp_path, corpus, tokenizer_dir):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from pretrain.batching import batch_layout
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import compose_pretrain_config
 
@@ -40,7 +41,10 @@ def build_engine(cfg):
     )
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     env = eng.init_distributed(timeout_minutes=5)
-    return eng.TrainingEngine(cfg, env, initial_batch_tokens=512)
+    layout = batch_layout(
+        512, cfg.data.packing.seq_len, cfg.train.micro_batch_size, 1, "train.global_batch_tokens"
+    )
+    return eng.TrainingEngine(cfg, env, layout)
 
 
 def master_partitions(engine) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@ from data.config import ConfigError
 from pretrain.batching import batch_layout
 from pretrain.config import compose_pretrain_config
 from pretrain.engine import deepspeed_config
+from pretrain.hardware import native_bf16, resolve_precision
 from pretrain.model import Transformer
 from tests.helpers import ROOT
 
@@ -104,3 +105,70 @@ def test_help_names_the_command_and_lists_real_options_only(module):
     assert "_schema" not in result.stdout and "__main__" not in result.stdout
     if module in ("pretrain", "pretrain.plan"):
         assert "model: 125m, 13b, 1b, 350m, 7b, tiny" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.total_tokens=1e7", "train.global_batch_tokens=1.6384e4", "optim.warmup_tokens=4e3",
+     "tokenizer.byte_budget=2e8", "deepspeed.reduce_bucket_size=5e8"],
+)  # fmt: skip
+def test_counts_accept_scientific_notation(override):
+    key, value = override.split("=")
+    cfg = compose_pretrain_config([override])
+    group, name = key.split(".")
+    got = getattr(getattr(cfg, group), name)
+    assert type(got) is int and got == float(value)
+
+
+@pytest.mark.parametrize(("override", "key"), [("train.total_tokens=1234.5", "train.total_tokens"),
+                                               ("data.max_doc_chars=2.5", "data.max_doc_chars")])  # fmt: skip
+def test_a_count_that_is_not_whole_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}: must be a whole number"):
+        compose_pretrain_config([override])
+
+
+def test_deepspeed_extra_merges_key_by_key():
+    """A nested extra key (the one the planner reads) keeps the stage, offload and buckets beside it."""
+    cfg = compose_pretrain_config(
+        ["deepspeed=zero3_offload", "+deepspeed.extra={zero_optimization: {sub_group_size: 1e8}}"]
+    )
+    layout = batch_layout(cfg.train.global_batch_tokens, cfg.data.packing.seq_len, 8, 2, "k")
+    zero = deepspeed_config(cfg, layout)["zero_optimization"]
+    assert zero["sub_group_size"] == 1e8
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu"
+    assert zero["reduce_bucket_size"] == cfg.deepspeed.reduce_bucket_size
+
+
+def test_gradients_accumulate_and_reduce_in_fp32_unless_asked():
+    cfg = compose_pretrain_config([])
+    layout = batch_layout(cfg.train.global_batch_tokens, cfg.data.packing.seq_len, 8, 2, "k")
+    ds = deepspeed_config(cfg, layout, "bf16")
+    assert (
+        ds["bf16"]["enabled"]
+        and ds["data_types"]["grad_accum_dtype"] == ds["communication_data_type"] == "fp32"
+    )
+    low = compose_pretrain_config(["deepspeed.gradient_dtype=bf16"])
+    ds = deepspeed_config(low, layout, "bf16")
+    assert ds["data_types"]["grad_accum_dtype"] == ds["communication_data_type"] == "bf16"
+    assert deepspeed_config(low, layout, "fp32")["data_types"]["grad_accum_dtype"] == "fp32"
+
+
+def test_precision_auto_is_bf16_exactly_where_the_hardware_has_it():
+    fast, why = native_bf16()
+    assert resolve_precision("auto") == ("bf16" if fast else "fp32", f"deepspeed.precision=auto: {why}")
+    assert resolve_precision("fp32")[0] == "fp32" and resolve_precision("bf16")[0] == "bf16"
+    if not torch.cuda.is_available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT"):
+        assert not fast  # an AVX2-only x86 CPU emulates bf16 matmuls
+
+
+def test_a_run_that_cannot_fit_stops_before_it_starts(tmp_path):
+    """The 7B on this machine's CPU ranks: the planner's numbers, before any data or process is made."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pretrain", "+experiment=7b", "data.repetition_policy=warn",
+         "train.total_tokens=10000000", f"paths.artifacts={tmp_path}/a", f"paths.runs={tmp_path}/r"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "train.check_memory: this run does not fit this machine" in result.stderr
+    assert "GiB per CPU rank" in result.stderr and "train.check_memory=false" in result.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "r").exists()

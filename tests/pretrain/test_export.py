@@ -10,6 +10,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -87,20 +88,38 @@ def test_transformers_logits_equal_ours_on_the_trained_weights(exported, debug_r
     assert expected.std() > 0.1  # trained weights, not a degenerate all-equal output
 
 
-def test_auto_tokenizer_encodes_like_ours(exported, debug_run):
+@pytest.fixture(scope="module")
+def tiny_export(tokenizer_dir, tmp_path_factory) -> Path:
+    """An export of an untrained tiny model: the tokenizer files do not depend on the weights."""
+    cfg = ModelConfig(name="t", vocab_size=512, dim=16, n_layers=1, n_heads=2, ffn_dim=24, max_seq_len=8)
+    return write_hf_model(
+        tmp_path_factory.mktemp("tiny") / "hf", Transformer(cfg).state_dict(), cfg, tokenizer_dir
+    )
+
+
+def test_auto_tokenizer_encodes_like_training(tiny_export, tokenizer_dir):
+    from data.tokenize_pool import encode_documents
     from data.tokenizer import load_tokenizer
 
-    ours, info = load_tokenizer(find_checkpoint(debug_run).config().tokenizer.dir)
-    theirs = transformers.AutoTokenizer.from_pretrained(str(exported))
+    ours, info = load_tokenizer(tokenizer_dir)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tiny_export))
     for text in ("def area(r):\n    return 3.14 * r ** 2\n", "Unicode: naïve café — ok", "  leading spaces"):
-        assert theirs(text)["input_ids"] == ours.encode(text).ids
-        assert theirs.decode(theirs(text)["input_ids"]) == ours.decode(ours.encode(text).ids)
+        # A training document is [BOS] + ids + [EOS]; a text to score or continue is that document before EOS.
+        document, _ = encode_documents(ours, [text], info.eos_id, np.dtype(np.int64), info.bos_id)
+        assert theirs(text)["input_ids"] == document[:-1].tolist()
+        assert document[0] == info.bos_id
+        assert theirs(text, add_special_tokens=False)["input_ids"] == document[1:-1].tolist()
+        assert theirs.decode(theirs(text)["input_ids"], skip_special_tokens=True) == ours.decode(
+            document.tolist()
+        )
     assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (
         info.bos_id,
         info.eos_id,
         info.pad_id,
     )
-    config = json.loads((exported / "config.json").read_text())
+    tokenizer_config = json.loads((tiny_export / "tokenizer_config.json").read_text())
+    assert (tokenizer_config["add_bos_token"], tokenizer_config["add_eos_token"]) == (True, False)
+    config = json.loads((tiny_export / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
         info.bos_id,
         info.eos_id,

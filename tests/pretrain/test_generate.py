@@ -7,7 +7,9 @@ import math
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,6 +24,7 @@ from pretrain.generate import (
     GenerateConfig,
     SamplingConfig,
     continuation,
+    encode_prompt,
     filter_logits,
     generate,
     sample_next,
@@ -126,6 +129,27 @@ def test_stops_at_eos_and_at_the_context_limit(model):
         generate(model, prompt(64), GREEDY)
     with pytest.raises(ValueError, match="empty"):
         generate(model, [], GREEDY)
+
+
+# -- prompts ----------------------------------------------------------------------------------------------
+
+
+def test_prompts_start_like_training_documents():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from data.tokenize_pool import encode_documents
+    from data.tokenizer import TokenizerInfo
+
+    vocab = {"<s>": 0, "</s>": 1, "<pad>": 2, "<unk>": 3, "def": 4, "f": 5, "(": 6}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(["<s>", "</s>", "<pad>", "<unk>"])
+    info = TokenizerInfo(Path("."), "bpe", len(vocab), "", bos_id=0, eos_id=1, pad_id=2, unk_id=3)
+    # A training document is [BOS] + ids + [EOS]; a prompt is that document before its EOS.
+    document, _ = encode_documents(tokenizer, ["def f ("], info.eos_id, np.dtype(np.int64), info.bos_id)
+    assert encode_prompt(tokenizer, info, "def f (") == document[:-1].tolist() == [0, 4, 5, 6]
+    assert encode_prompt(tokenizer, info, "") == [info.bos_id]
+    assert continuation(tokenizer, [info.bos_id], [4, 5]) == "def f"
 
 
 # -- sampling ---------------------------------------------------------------------------------------------

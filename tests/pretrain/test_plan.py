@@ -88,16 +88,24 @@ def test_zero3_shards_scale_as_one_over_world_size(inventory_7b, cfg_7b, world):
     total, tensors = inventory_7b.total, len(inventory_7b.numels)
     for name, width in [
         ("bf16 parameter shard", 2),
-        ("bf16 gradient shard", 2),
+        ("fp32 gradient shard", 4),  # micro-batches accumulate in fp32
         ("fp32 master weights", 4),
         ("Adam moments (fp32)", 8),
     ]:
         elements = est.resident[name] // width
         # each tensor is padded to a multiple of the world size, then split
         assert total <= elements * world < total + tensors * world, name
-    state = sum(est.resident[k] for k in ("bf16 parameter shard", "bf16 gradient shard"))
+    state = sum(est.resident[k] for k in ("bf16 parameter shard", "fp32 gradient shard"))
     state += est.resident["fp32 master weights"] + est.resident["Adam moments (fp32)"]
-    assert state == pytest.approx(16 * total / world, rel=tensors * world / total + 1e-9)
+    assert state == pytest.approx(18 * total / world, rel=tensors * world / total + 1e-9)
+
+
+def test_bf16_gradients_cost_two_bytes_less_per_parameter(inventory_7b, cfg_7b):
+    low = replace(cfg_7b.deepspeed, gradient_dtype="bf16")
+    fp32 = zero3_memory(inventory_7b, cfg_7b.model, cfg_7b.deepspeed, 8, 1, 4096, Strategy())
+    bf16 = zero3_memory(inventory_7b, cfg_7b.model, low, 8, 1, 4096, Strategy())
+    assert fp32.resident["fp32 gradient shard"] == 2 * bf16.resident["bf16 gradient shard"]
+    assert fp32.resident["reduce bucket"] == 2 * bf16.resident["reduce bucket"]
 
 
 def test_persistent_parameters_stay_whole():
@@ -117,7 +125,7 @@ def test_offload_moves_state_to_host(inventory_7b, cfg_7b):
     params = estimate(Strategy(offload_optimizer=True, offload_param=True))
     shard = inventory_7b.shard(8)
     assert plain.cpu_total == 0
-    for moved in ("fp32 master weights", "Adam moments (fp32)", "bf16 gradient shard"):
+    for moved in ("fp32 master weights", "Adam moments (fp32)", "fp32 gradient shard"):
         assert moved in plain.resident and moved not in optimizer.resident and moved in optimizer.cpu
     assert optimizer.cpu["fp32 master weights"] + optimizer.cpu["Adam moments (fp32)"] == 12 * shard
     assert "optimizer step" not in optimizer.phases  # the step runs on the CPU

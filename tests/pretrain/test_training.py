@@ -40,6 +40,14 @@ def test_loss_falls_on_the_embedded_corpus(straight_run):
     assert len(val) >= 4 and val[-1] < val[0]
 
 
+def test_the_run_directory_records_the_deepspeed_config_that_ran(straight_run):
+    ds = json.loads((straight_run[0] / "deepspeed.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["data_types"]["grad_accum_dtype"] == ds["communication_data_type"] == "fp32"
+    assert ds["bf16"]["enabled"] is False  # the debug experiment trains in fp32
+    assert "training in fp32 (deepspeed.precision=fp32)" in straight_run[1].stderr
+
+
 def test_zero3_shards_parameters_across_both_ranks(straight_run):
     summary = json.loads((straight_run[0] / "model_summary.json").read_text())
     per_rank, total = summary["parameters_per_rank"], summary["parameters"]
@@ -116,6 +124,8 @@ def test_kill_and_resume_gives_bitwise_identical_losses(
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(straight_run, debug_artifacts, tmp_path):
+    """The broken newest checkpoint is set aside, so retention keeps the good ones the resumed run writes (it
+    would otherwise count as the newest and, with keep_checkpoints=1, leave only itself)."""
     runs = tmp_path / "runs"
     run_pretrain(debug_artifacts, runs, "train.stop_after_steps=20")
     checkpoints = sorted((runs / "debug" / "checkpoints").glob("step_*"))
@@ -123,9 +133,18 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(straight_run, debu
     newest = checkpoints[-1]
     victim = max((p for p in newest.rglob("*.pt") if "rng" not in p.name), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    result = run_pretrain(debug_artifacts, runs)
+    result = run_pretrain(
+        debug_artifacts,
+        runs,
+        "train.checkpoint_every_steps=5",
+        "train.keep_checkpoints=1",
+        "train.stop_after_steps=6",
+    )
     assert "step_00000020 is broken" in result.stderr and "falling back" in result.stderr
     assert "resumed from" in result.stderr and "step_00000010" in result.stderr
+    assert [p.name for p in (runs / "debug" / "broken_checkpoints").iterdir()] == ["step_00000020"]
+    assert [p.name for p in (runs / "debug" / "checkpoints").glob("step_*")] == ["step_00000016"]
+    run_pretrain(debug_artifacts, runs)
     assert step_losses(runs / "debug") == step_losses(straight_run[0])
 
 

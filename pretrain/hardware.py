@@ -1,0 +1,82 @@
+"""What this machine is, for the choices that depend on it: bf16 or fp32, threads per CPU rank, free memory.
+
+Whatever started the ranks, a CPU rank uses its share of the cores (`cpu_threads_per_rank`): torch's default
+of one thread per core in every rank oversubscribes the machine as soon as two ranks share it, and gloo's
+collectives then wait on descheduled threads (the deepspeed launcher sets no thread count; torchrun sets 1).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def native_bf16() -> tuple[bool, str]:
+    """Whether this machine multiplies bf16 matrices at full speed, and why: CUDA with bf16 support, or a CPU
+    with AVX512-BF16, AMX or (Arm) the bf16 extension. On an AVX2-only CPU a bf16 matmul is emulated and
+    runs tens of times slower than fp32."""
+    if torch.cuda.is_available():
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"CUDA device {torch.cuda.get_device_name()} {'supports' if ok else 'lacks'} bf16"
+    if platform.machine() in ("x86_64", "AMD64"):
+        if torch.cpu._is_amx_tile_supported():
+            return True, "the CPU has AMX"
+        if torch.cpu._is_avx512_bf16_supported():
+            return True, "the CPU has AVX512-BF16"
+        return False, f"the CPU has no native bf16 matmul ({torch.backends.cpu.get_cpu_capability()})"
+    if platform.machine() in ("aarch64", "arm64"):
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            flags = ""
+        if " bf16" in flags:
+            return True, "the CPU has the Arm bf16 extension"
+        return False, "the CPU has no Arm bf16 extension"
+    return False, f"no native bf16 known for {platform.machine()}"
+
+
+def resolve_precision(configured: str) -> tuple[str, str]:
+    """The precision to train in ("bf16" or "fp32") and the reason; an explicit setting wins over "auto"."""
+    if configured != "auto":
+        return configured, f"deepspeed.precision={configured}"
+    fast, why = native_bf16()
+    return ("bf16" if fast else "fp32"), f"deepspeed.precision=auto: {why}"
+
+
+def local_world_size() -> int:
+    """Ranks on this machine, from whichever launcher started them (1 when none says)."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def cpu_threads_per_rank() -> int:
+    """Intra-op threads for one CPU rank: OMP_NUM_THREADS when set, else this process's cores shared evenly
+    among the ranks of the machine."""
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    cores = len(os.sched_getaffinity(0))
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")  # Slurm already gave each task its own cores
+    if per_task.isdigit() and int(per_task) > 0:
+        return max(1, min(cores, int(per_task)))
+    return max(1, cores // local_world_size())
+
+
+def available_memory_gib(device: str) -> float:
+    """Free memory where the model state will live: the current CUDA device's, or the host's (MemAvailable)."""
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return free / 2**30
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
