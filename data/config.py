@@ -87,6 +87,11 @@ class PackingConfig:
     long_threshold: int | float = 0
     # Share of sequences drawn from the long pool.
     long_share: float = 0.0
+    # Long-context up-sampling within each source: a training document shorter than `short_doc_threshold` tokens
+    # is kept with probability `short_doc_keep` (decided per document from data.seed and its identity), longer
+    # ones always, and each source keeps its weight over its kept documents. 0 disables; validation never drops.
+    short_doc_threshold: int | float = 0
+    short_doc_keep: float = 1.0
     # Best-fit packs this many documents at a time, which bounds memory and keeps the order shuffled.
     window_docs: int = 20_000
 
@@ -106,6 +111,22 @@ class PackingConfig:
             "a long share needs data.packing.long_threshold > 0",
         )
         require(self.window_docs >= 1, f"{key}.window_docs", "must be at least 1")
+        self.short_doc_threshold = whole_number(self.short_doc_threshold, f"{key}.short_doc_threshold")
+        require(
+            self.short_doc_threshold >= 0,
+            f"{key}.short_doc_threshold",
+            "must be >= 0 (0 keeps every document)",
+        )
+        require(
+            0.0 < self.short_doc_keep <= 1.0,
+            f"{key}.short_doc_keep",
+            f"must be in (0, 1], got {self.short_doc_keep}",
+        )
+        require(
+            self.short_doc_keep == 1.0 or self.short_doc_threshold > 0,
+            f"{key}.short_doc_keep",
+            f"a keep probability below 1 needs {key}.short_doc_threshold > 0",
+        )
 
 
 @dataclass

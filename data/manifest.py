@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from data.tokenizer import TokenizerInfo
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: special tokens spelled in a document are encoded as text
 
 
 def manifest_path(shards_dir: str | Path, source: str) -> Path:

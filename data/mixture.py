@@ -1,10 +1,14 @@
 """A weighted mixture of sources, with long documents mixed in as their own pool, addressed by global index.
 
-Every source's documents are packed into a *pool* of sequences. With long-text mixing on
-(`data.packing.long_threshold > 0` and `long_share > 0`), documents of at least `long_threshold` tokens leave
-their sources' pools and form one *long pool* across sources, packed concat-and-chunk in shuffled document order
-and read in order, so each long document arrives as consecutive sequences with nothing interleaved inside it
-(consecutive sequences overlap by one token, so no token of a document loses its target at a cut).
+Every source's documents are packed into a *pool* of sequences. With short-document dropping on
+(`data.packing.short_doc_threshold > 0` and `short_doc_keep < 1`, see `data.length_mix`), a training pool holds
+only its source's kept documents, which up-samples the long ones while the source keeps its weight. With
+long-text mixing on (`data.packing.long_threshold > 0` and `long_share > 0`), (kept) documents of at least
+`long_threshold` tokens leave their sources' pools and form one *long pool* across sources, packed
+concat-and-chunk in shuffled document order and read in order, so each long document arrives as consecutive
+sequences with nothing interleaved inside it (consecutive sequences overlap by one token, so no token of a
+document loses its target at a cut); a document of at least `seq_len` tokens starts a fresh sequence and fills
+whole ones, sharing only its tail (`data.length_mix.pack_long_aligned`).
 
 A global sample index g maps to (pool, k) in O(1): a block of `MIXTURE_BLOCK` slots is apportioned among pools by
 their shares (largest remainder), the slots of each pool spread evenly through the block, and the block repeats.
@@ -30,6 +34,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from data.config import ConfigError, DataConfig
+from data.interleave import apportion, interleave_block
+from data.length_mix import (
+    check_kept,
+    describe_distribution,
+    keep_mask,
+    length_distribution,
+    length_thresholds,
+    pack_long_aligned,
+)
 from data.log import get_logger
 from data.manifest import load_split
 from data.packing import (
@@ -38,7 +51,6 @@ from data.packing import (
     PackedIndex,
     ShardDocumentStore,
     materialize,
-    pack_concat,
     pack_documents,
 )
 
@@ -50,7 +62,8 @@ log = get_logger(__name__)
 MIXTURE_BLOCK = 10_000
 LONG_POOL = "long_docs"
 _LONG_TAG = 1_000_003  # keeps the long pool's seeds apart from the short pools' (pool index < this)
-# 2: pieces of a split document overlap by one token, which changed every packing.
+# 2: pieces of a split document overlap by one token, which changed every packing. Changes that move only some
+# orders since (short-document dropping, the long pool's layout) enter the description only where they apply.
 FINGERPRINT_VERSION = 2
 
 
@@ -72,25 +85,6 @@ class Pool:
     def fill(self) -> float:
         """Real tokens per sequence, as a fraction of the capacity."""
         return 1.0 - self.index.stats.padding_fraction if self.n_seq else 0.0
-
-
-def apportion(shares: np.ndarray, total: int) -> np.ndarray:
-    """Integer counts summing to `total` proportional to `shares` (largest remainder, ties to lower index)."""
-    exact = np.asarray(shares, dtype=np.float64) * total
-    counts = np.floor(exact).astype(np.int64)
-    leftover = total - int(counts.sum())
-    order = np.lexsort((np.arange(len(exact)), -(exact - counts)))
-    counts[order[:leftover]] += 1
-    return counts
-
-
-def interleave_block(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each slot of a block, its pool and its rank within the pool, each pool spread evenly."""
-    pools = np.concatenate([np.full(c, p, dtype=np.int64) for p, c in enumerate(counts)])
-    ranks = np.concatenate([np.arange(c, dtype=np.int64) for c in counts])
-    times = np.concatenate([(np.arange(c) + 0.5) / c for c in counts if c > 0] or [np.zeros(0)])
-    order = np.lexsort((pools, times))
-    return pools[order], ranks[order]
 
 
 class MixtureDataset:
@@ -132,6 +126,7 @@ class MixtureDataset:
         self.source_names = list(config.sources)
         self._store = ConcatDocumentStore([self._stores[name] for name in self.source_names])
         self._identities = [self._stores[name].identity() for name in self.source_names]
+        self._kept = self._keep_mask()
         self.pools = self._build_pools()
         self._long_pool = next((i for i, p in enumerate(self.pools) if p.name == LONG_POOL), None)
         if split == "train":
@@ -149,6 +144,9 @@ class MixtureDataset:
         )
         for pool in self.pools:
             log.info("  pool %s (share %.3f): %s", pool.name, pool.share, pool.index.stats.describe())
+        if split == "train":
+            for line in describe_distribution(self.length_distribution()):
+                log.info("%s", line)
 
     @classmethod
     def from_tokenizer(
@@ -184,6 +182,22 @@ class MixtureDataset:
         packing = self.config.packing
         return packing.long_threshold > 0 and packing.long_share > 0
 
+    @property
+    def upsampling(self) -> bool:
+        """Whether short training documents are dropped (never in validation: it sees the natural mix)."""
+        packing = self.config.packing
+        return self.split == "train" and packing.short_doc_threshold > 0 and packing.short_doc_keep < 1.0
+
+    def _keep_mask(self) -> np.ndarray:
+        """Which documents (global ids) are trained on: all, or each source's kept ones when up-sampling."""
+        packing = self.config.packing
+        return keep_mask(
+            {name: self._stores[name].doc_lengths() for name in self.source_names},
+            threshold=packing.short_doc_threshold if self.upsampling else 0,
+            keep=packing.short_doc_keep,
+            seed=self.config.seed,
+        )
+
     def _build_pools(self) -> list[Pool]:
         packing = self.config.packing
         lengths = self._store.doc_lengths()
@@ -193,7 +207,7 @@ class MixtureDataset:
         pools = []
         for i, name in enumerate(self.source_names):
             ids = np.arange(self._store.base[i], self._store.base[i + 1], dtype=np.int64)
-            ids = ids[~is_long[ids]]
+            ids = ids[self._kept[ids] & ~is_long[ids]]
             index = pack_documents(
                 lengths,
                 self.capacity,
@@ -204,12 +218,14 @@ class MixtureDataset:
             )
             pools.append(Pool(name, ids, index))
         if self.long_mixing:
-            ids = np.flatnonzero(is_long).astype(np.int64)
+            ids = np.flatnonzero(is_long & self._kept).astype(np.int64)
             pools.append(Pool(LONG_POOL, ids, self._pack_long(ids, lengths, epoch=0)))
         return pools
 
     def _pack_long(self, ids: np.ndarray, lengths: np.ndarray, epoch: int) -> PackedIndex:
-        return pack_concat(lengths, self.capacity, seed=[self.config.seed, _LONG_TAG, epoch], doc_ids=ids)
+        return pack_long_aligned(
+            lengths, self.capacity, seed=[self.config.seed, _LONG_TAG, epoch], doc_ids=ids
+        )
 
     def _plan_train(self) -> None:
         """Sequence shares per pool, the block layout, and the repetition check."""
@@ -218,6 +234,10 @@ class MixtureDataset:
         threshold = self.config.packing.long_threshold
         below = f" below data.packing.long_threshold={threshold} tokens" if long_share else ""
         for name, pool in zip(self.source_names, self.pools, strict=False):  # the long pool comes last
+            if pool.n_seq == 0 and self.upsampling:
+                check_kept(
+                    name, self.source_doc_lengths(name), self.source_kept(name), self.config, self.split
+                )
             if pool.n_seq == 0:
                 raise ConfigError(
                     f"data.sources.{name}: no {self.split} documents{below} in {self.config.shards_dir}/{name}; "
@@ -269,6 +289,9 @@ class MixtureDataset:
             else:
                 what = f"data.sources.{pool.name} (weight {self.config.sources[pool.name].weight})"
                 fix = f"lower data.sources.{pool.name}.weight, add data to the source"
+            if self.upsampling:
+                what += f" after dropping short documents ({len(pool.doc_ids)} left in its pool)"
+                fix += ", raise data.packing.short_doc_keep or lower data.packing.short_doc_threshold"
             message = (
                 f"{what} needs {needed} of {planned} planned samples ({pool.share:.1%}) from a pool of "
                 f"{pool.n_seq} packed sequences ({pool.index.stats.n_tokens} tokens): {epochs:.2f} epochs, more "
@@ -281,6 +304,7 @@ class MixtureDataset:
 
     def _compute_fingerprint(self) -> str:
         packing = dataclasses.asdict(self.config.packing)
+        keys = {key: packing.pop(key) for key in ("short_doc_threshold", "short_doc_keep")}
         description = {
             "version": FINGERPRINT_VERSION,
             "split": self.split,
@@ -295,6 +319,10 @@ class MixtureDataset:
                 for name, identity in zip(self.source_names, self._identities, strict=True)
             ],
         }
+        if self.upsampling:
+            description["short_docs"] = {**keys, "draw": "splitmix64(seed, source, index)"}
+        if self.long_mixing:
+            description["long_layout"] = "whole_sequences"
         return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
     # ------------------------------------------------------------------------------------------- lookup
@@ -364,6 +392,28 @@ class MixtureDataset:
     def source_doc_lengths(self, name: str) -> np.ndarray:
         """Token counts of a source's documents in this split (indexed like `describe_sample`'s documents)."""
         return self._stores[name].doc_lengths()
+
+    def source_kept(self, name: str) -> np.ndarray:
+        """Which of a source's documents in this split are trained on (indexed like `source_doc_lengths`)."""
+        i = self.source_names.index(name)
+        return self._kept[int(self._store.base[i]) : int(self._store.base[i + 1])].copy()
+
+    def length_distribution(self, thresholds: list[int] | None = None) -> dict:
+        """The share of tokens in documents of at least each threshold, per source and overall, before and after
+        up-sampling, and as the pools train it (`data.length_mix.length_distribution` says what each means)."""
+        packing = self.config.packing
+        upsampling = (packing.short_doc_threshold, packing.short_doc_keep) if self.upsampling else None
+        lengths, sources = self._store.doc_lengths(), self.config.sources
+        return length_distribution(
+            {
+                n: (self.source_doc_lengths(n), self.source_kept(n), sources[n].weight)
+                for n in self.source_names
+            },
+            [(pool.share * pool.fill, lengths[pool.doc_ids]) for pool in self.pools],
+            thresholds or length_thresholds(packing.seq_len, upsampling[0] if upsampling else 0),
+            upsampling=upsampling,
+            long_pool=self._long_pool is not None,
+        )
 
     def describe_sample(self, index: int) -> list[tuple[str, int, int, int]]:
         """The segments of sample `index`: (source, document index within the source's split, start, length)."""

@@ -36,14 +36,15 @@ log = get_logger("data.prepare")
 
 # Personalises the digest of documents encoded with a BOS (`data.add_bos`); without one it is the plain digest,
 # as in shards written before documents had a BOS, so those stay reusable for `data.add_bos=false` only.
-_BOS_PERSON = b"bos+text+eos"
+# The encoding scheme: special tokens spelled in the text are text (v2), with or without a BOS.
+_PERSON = {True: b"v2:bos+text+eos", False: b"v2:text+eos"}
 
 
 def text_digest(data: bytes, *, bos: bool) -> int:
-    """A 64-bit digest of a document's UTF-8 text and of how it is encoded (with a BOS or not), stored per
-    document in its shard: a shard on disk is reused document by document only when the digests match, so a
-    shard encoded the other way is never taken for this run's."""
-    person = _BOS_PERSON if bos else b""
+    """A 64-bit digest of a document's UTF-8 text and of how it is encoded (the scheme, with a BOS or not),
+    stored per document in its shard: a shard on disk is reused document by document only when the digests
+    match, so a shard encoded another way is never taken for this run's."""
+    person = _PERSON[bos]
     return int.from_bytes(hashlib.blake2b(data, digest_size=8, person=person).digest(), "little")
 
 

@@ -29,7 +29,12 @@ def encode_documents(
     tokenizer: Tokenizer, texts: list[str], eos_id: int, dtype: np.dtype, bos_id: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of `texts` back to back, each as [BOS] + ids + [EOS] (no BOS when `bos_id` is None), and the
-    length of each (BOS and EOS included)."""
+    length of each (BOS and EOS included).
+
+    A special token's spelling inside a document ("</s>" in a tutorial, "<pad>" in HTML) is text like any
+    other: left to the tokenizer's default it would become the special id itself, an end of document in the
+    middle of one."""
+    tokenizer.encode_special_tokens = True
     encode = getattr(tokenizer, "encode_batch_fast", None) or tokenizer.encode_batch
     ids = [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
     head = 0 if bos_id is None else 1

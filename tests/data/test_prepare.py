@@ -88,6 +88,19 @@ def test_rerun_reuses_and_resume_rebuilds_exactly_what_is_missing(tmp_path, corp
     assert not [p for p in directory.iterdir() if ".tmp" in p.name]
 
 
+def test_special_tokens_spelled_in_a_document_are_text(tokenizer_dir):
+    """ "</s>" or "<pad>" written in a document must not become the end of a document or padding."""
+    from data.tokenize_pool import encode_documents
+
+    tokenizer, info = load_tokenizer(tokenizer_dir)
+    text = "close with </s> or pad with <pad>, begin with <s>"
+    tokens, lengths = encode_documents(tokenizer, [text], info.eos_id, np.dtype(np.int64), info.bos_id)
+    inner = tokens[1:-1].tolist()
+    assert (tokens[0], tokens[-1], lengths[0]) == (info.bos_id, info.eos_id, len(tokens))
+    assert not {info.bos_id, info.eos_id, info.pad_id} & set(inner)
+    assert tokenizer.decode(inner) == text
+
+
 def test_add_bos_decides_the_shards(tmp_path, corpus, tokenizer_dir):
     """Switching data.add_bos makes the shards stale, and the prepare that follows re-tokenizes every document
     rather than reusing shards encoded the other way (their per-document digests differ)."""
