@@ -59,11 +59,27 @@ class ModelConfig:
     ffn_dim: int = 688
     max_seq_len: int = 256
     norm_eps: float = 1e-5
+    # RoPE for long contexts, three methods that combine. Base change ("ABF", adjusted base frequency, as in
+    # Llama 2 Long with 500,000 and Code Llama with 1,000,000): raise rope_base for the continued pretraining;
+    # the frequency of pair i is rope_base * rope_base_scaling raised to -2i / head_dim.
     rope_base: float = 10000.0
-    # Linear position interpolation: position p is rotated as p / rope_scaling (1.0 = off).
-    rope_scaling: float = 1.0
-    # Multiplier on rope_base ("NTK-style" base scaling for long contexts; 1.0 = off).
+    # Multiplier on rope_base, kept for older configs; the effective base is `rope_theta`.
     rope_base_scaling: float = 1.0
+    # Context-extension factor s (1.0 = off), applied as `rope_type` says.
+    rope_scaling: float = 1.0
+    # How rope_scaling is applied; at 1.0 either is plain RoPE (so "linear" is also the no-scaling default).
+    # "linear": position interpolation, position p is rotated as p / s. "yarn": YaRN, which leaves the pairs
+    # that turn many times within the original window alone, divides the frequency of those that turn less
+    # than once by s, blends linearly in between, and multiplies cos and sin by an attention factor.
+    rope_type: str = "linear"
+    # YaRN only: the window the model was pretrained on (tokens); its pairs are classified against it.
+    rope_original_max_seq_len: int | None = None
+    # YaRN only: pairs with at least beta_fast turns in the original window are kept, those with at most
+    # beta_slow turns are interpolated (the YaRN paper's beta and alpha).
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    # YaRN only: the factor on cos and sin (so attention logits scale by its square); None = 0.1 ln(s) + 1.
+    yarn_attention_factor: float | None = None
     tie_embeddings: bool = False
     init_std: float = 0.02
     # "auto": FlexAttention for packed batches on CUDA, SDPA with a boolean mask otherwise. "flex" forces
@@ -79,6 +95,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def rope_theta(self) -> float:
+        """The RoPE base the model rotates with (and the export's `rope_theta`): base times its multiplier."""
+        return self.rope_base * self.rope_base_scaling
 
     def validate(self, key: str = "model") -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
@@ -105,6 +126,7 @@ class ModelConfig:
         )
         for name in ("norm_eps", "rope_base", "rope_scaling", "rope_base_scaling", "init_std"):
             require(getattr(self, name) > 0, f"{key}.{name}", f"must be positive, got {getattr(self, name)}")
+        self._validate_rope_scaling(key)
         require(
             self.attention in ATTENTION_BACKENDS,
             f"{key}.attention",
@@ -114,6 +136,48 @@ class ModelConfig:
             self.loss_chunk_size >= 0,
             f"{key}.loss_chunk_size",
             "must be >= 0 (0 computes the loss in one piece)",
+        )
+
+    def _validate_rope_scaling(self, key: str) -> None:
+        """The YaRN keys are checked with YaRN and must keep their defaults without it, so no setting is ignored."""
+        types = ("linear", "yarn")
+        require(
+            self.rope_type in types,
+            f"{key}.rope_type",
+            f"must be one of {types}, got {self.rope_type!r}",
+        )
+        yarn_only = ("rope_original_max_seq_len", "yarn_attention_factor", "yarn_beta_fast", "yarn_beta_slow")
+        if self.rope_type != "yarn":
+            for name in yarn_only:
+                default = getattr(ModelConfig, name)
+                require(
+                    getattr(self, name) == default,
+                    f"{key}.{name}",
+                    f"is read only by YaRN ({key}.rope_type=yarn); leave it at {default}",
+                )
+            return
+        require(
+            self.rope_scaling >= 1.0,
+            f"{key}.rope_scaling",
+            f"YaRN extends the context: must be >= 1, got {self.rope_scaling}",
+        )
+        require(
+            self.rope_original_max_seq_len is not None and self.rope_original_max_seq_len >= 1,
+            f"{key}.rope_original_max_seq_len",
+            f"YaRN needs the pretraining window as a positive integer, got {self.rope_original_max_seq_len}",
+        )
+        require(
+            self.yarn_beta_slow > 0, f"{key}.yarn_beta_slow", f"must be positive, got {self.yarn_beta_slow}"
+        )
+        require(
+            self.yarn_beta_fast > self.yarn_beta_slow,
+            f"{key}.yarn_beta_fast",
+            f"must exceed {key}.yarn_beta_slow ({self.yarn_beta_fast} <= {self.yarn_beta_slow})",
+        )
+        require(
+            self.yarn_attention_factor is None or self.yarn_attention_factor > 0,
+            f"{key}.yarn_attention_factor",
+            f"must be positive or null (0.1 ln(s) + 1), got {self.yarn_attention_factor}",
         )
 
 
@@ -209,6 +273,12 @@ class TrainConfig:
     # One run directory per run name: runs/<run_name>/ (checkpoints, logs, wandb).
     run_name: str = "default"
     seed: int = 1234
+    # A stage starts from another run's weights: a run directory (its newest usable checkpoint) or one
+    # checkpoint directory. Only the first start of the stage reads it; a restart resumes the stage itself.
+    init_from: str | None = None
+    # With init_from: also continue the parent's AdamW moments (an annealing stage); by default the optimizer
+    # starts fresh, and the stage has its own token schedule either way.
+    init_optimizer: bool = False
     total_tokens: int | float = MISSING
     # Final global batch, in tokens (a multiple of seq_len * micro_batch_size * world_size).
     global_batch_tokens: int | float = MISSING
@@ -225,6 +295,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # `python -m pretrain` outside any launcher starts this many local processes (0 = one per GPU, or 2 on CPU).
     local_processes: int = 0
+    # At the end of training, also run the long-context suite (loss by position, copy probe, passkey; see
+    # `python -m pretrain.evaluate long_context=true`), write it to runs/<name>/eval/ and log it to wandb.
+    eval_long_context: bool = False
     # A short sample printed at the end (empty disables it).
     sample_prompt: str = "def "
     sample_tokens: int = 48
@@ -240,6 +313,11 @@ class TrainConfig:
         for name in ("total_tokens", "global_batch_tokens", "start_batch_tokens", "batch_ramp_tokens"):
             setattr(self, name, whole_number(getattr(self, name), f"{key}.{name}"))
         require(bool(self.run_name) and "/" not in self.run_name, f"{key}.run_name", "must be a plain name")
+        require(
+            not self.init_optimizer or bool(self.init_from),
+            f"{key}.init_optimizer",
+            "continues a parent's optimizer: set train.init_from too",
+        )
         require(self.total_tokens > 0, f"{key}.total_tokens", "must be positive")
         require(self.global_batch_tokens > 0, f"{key}.global_batch_tokens", "must be positive")
         require(self.micro_batch_size >= 1, f"{key}.micro_batch_size", "must be at least 1")

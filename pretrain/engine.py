@@ -173,6 +173,9 @@ class TrainingEngine:
         groups = parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_norms_and_embeddings)
         self.decay_parameter_names = _names_in(model, groups[0]["params"])
         optimizer = build_optimizer(cfg, groups)
+        self.initial_group_hyperparameters = [
+            {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
+        ]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
@@ -297,14 +300,40 @@ class TrainingEngine:
         self._unshare_step_counters()
         return client_state
 
+    def restart_optimizer(self, keep_moments: bool) -> None:
+        """A stage's optimizer after loading its parent: the new run's hyperparameters in every group, and
+        unless `keep_moments` the AdamW state of a fresh optimizer (zero moments, step 0), which is exactly what
+        torch's AdamW starts from, while the fp32 master weights keep the parent's full precision."""
+        zero = self.engine.optimizer
+        inner = getattr(zero, "optimizer", zero)
+        fresh = parameter_groups(
+            self.model, self.cfg.optim.weight_decay, self.cfg.optim.decay_norms_and_embeddings
+        )
+        for group, template in zip(inner.param_groups, fresh, strict=True):
+            group.update(
+                weight_decay=template["weight_decay"],
+                betas=tuple(self.cfg.optim.betas),
+                eps=self.cfg.optim.eps,
+            )
+        if keep_moments:
+            return
+        for state in inner.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    value.zero_()
+                elif key == "step":
+                    state[key] = 0
+
     def _repair_universal_load(self, saved_groups: list[dict[str, Any]] | None) -> None:
         """DeepSpeed 0.19's ZeRO-3 universal load gives every parameter group the first group's
-        hyperparameters, so the no-decay group would come back decaying; restore each group's own."""
+        hyperparameters, so the no-decay group would come back decaying; restore each group's own (those saved
+        with the checkpoint, or for a checkpoint without them, this run's)."""
         groups = self.engine.optimizer.optimizer.param_groups
-        if saved_groups is None or len(saved_groups) != len(groups):
+        if saved_groups is None:
+            saved_groups = self.initial_group_hyperparameters
+        if len(saved_groups) != len(groups):
             raise RuntimeError(
-                f"the checkpoint records {0 if saved_groups is None else len(saved_groups)} optimizer parameter "
-                f"groups, the engine has {len(groups)}: it was written by another version of the trainer"
+                f"the checkpoint has {len(saved_groups)} optimizer parameter groups, the engine {len(groups)}"
             )
         for group, saved in zip(groups, saved_groups, strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})

@@ -7,29 +7,40 @@ By default it scores the same sequences the trainer's `val/<source>/loss` covers
 `train.eval_batches` global batches of each source's own validation split (of the world size that wrote the
 checkpoint), and "overall" is their token-weighted mean, like the trainer's `val/loss`. `batches=N` and
 `sequences=N` (per source; 0 = the whole split) change that.
+
+`long_context=true` measures instead whether the model uses its context (`pretrain.long_report`): loss by
+position over held-out documents, a copy probe and a passkey grid, written as `long_context.json` and PNGs to
+`<run>/eval/<checkpoint>/` (or `eval_dir`), with a summary on stderr.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import json
 import math
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import MISSING
 
-from data.atomic_io import atomic_write_text
+from data.atomic_io import atomic_write_json, atomic_write_text
 from data.loader import IGNORE_INDEX, collate
 from data.log import get_logger
 from data.mixture import MixtureDataset
+from data.packing import ArrayDocumentStore
+from data.tokenize_pool import encode_documents
 from data.tokenizer import load_tokenizer
 from pretrain.checkpoint import load_trained
 from pretrain.cli import hydra_command
 from pretrain.config import require
+from pretrain.long_eval import held_out_documents
+from pretrain.long_report import LongContextSettings, format_summary, long_context_report, write_plots
 from pretrain.model import Transformer
 
 log = get_logger(__name__)
@@ -110,6 +121,53 @@ def evaluate(
     return report
 
 
+def evaluate_long_context(
+    path: str | Path,
+    settings: LongContextSettings,
+    *,
+    split: str = "val",
+    micro_batch_size: int | None = None,
+    device: str | None = None,
+    max_seq_len: int | None = None,
+    texts: list[str] | None = None,
+) -> dict[str, Any]:
+    """The long-context report (`pretrain.long_report`) of a run's newest usable checkpoint (or the given one),
+    on the split's documents, with where it comes from; `micro_batch_size` defaults to the run's.
+
+    `max_seq_len` runs the model past the window it was built with (RoPE has no table to outgrow), to see how
+    a model trained on short sequences does on long ones. `texts` (files or globs, one document each) replace
+    the split's documents for the loss by position: held-out text of your choice, encoded as the run's
+    documents were."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, cfg, checkpoint = load_trained(path, dev)
+    if max_seq_len:
+        model.cfg = dataclasses.replace(model.cfg, max_seq_len=max_seq_len)
+    tokenizer, info = load_tokenizer(cfg.tokenizer.dir)
+    source = f"{len(texts)} text pattern(s)" if texts else f"the {split} split"
+    log.info("long-context evaluation of %s on %s (%s)", checkpoint.path, source, dev)
+    report: dict[str, Any] = {
+        "run_dir": str(checkpoint.run_dir),
+        "checkpoint": str(checkpoint.path),
+        "step": checkpoint.step,
+        "split": split,
+        "device": str(dev),
+        "precision": "bf16-autocast" if dev.type == "cuda" else "fp32",
+        "train_seq_len": cfg.data.packing.seq_len,
+        "texts": list(texts or []),
+    }
+    if texts:
+        documents = {"texts": text_documents(texts, tokenizer, info, cfg.data.add_bos)}
+    else:
+        documents = held_out_documents(cfg.data, info, split)
+    micro = micro_batch_size or cfg.train.micro_batch_size
+    report.update(
+        long_context_report(
+            model, tokenizer, info, documents, settings, add_bos=cfg.data.add_bos, micro_batch_size=micro
+        )
+    )
+    return report
+
+
 def trainer_eval_sequences(available: int, micro_batch_size: int, world_size: int, eval_batches: int) -> int:
     """How many sequences of one source the trainer's `val/<source>/loss` covers (see `Trainer.evaluate`)."""
     per_rank = min(micro_batch_size, available // world_size)
@@ -150,8 +208,9 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 @dataclass
-class EvaluateConfig:
-    """`python -m pretrain.evaluate`: which run or checkpoint, which split, and how much of it."""
+class EvaluateConfig(LongContextSettings):
+    """`python -m pretrain.evaluate`: which run or checkpoint, which split, and how much of it; with
+    `long_context=true`, the long-context measurements (their keys come from `LongContextSettings`)."""
 
     # A run directory (its newest usable committed checkpoint) or one checkpoint directory.
     run: str = MISSING
@@ -167,15 +226,73 @@ class EvaluateConfig:
     # Write the JSON report here instead of stdout.
     out: str | None = None
     log_level: str = "INFO"
+    # Loss by position, copy probe and passkey grid instead of the per-source loss.
+    long_context: bool = False
+    # Where long_context.json and its PNGs go (default: <run>/eval/<checkpoint tag>/).
+    eval_dir: str | None = None
+    # Other long_context.json files (or directories holding one) overlaid on the loss-by-position plot.
+    compare: list[str] = field(default_factory=list)
+    # Run the model past the window it was built with (e.g. 1024 for a model trained at 256).
+    max_seq_len: int | None = None
+    # Held-out text files or globs, one document each, for the loss by position instead of the split's.
+    texts: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
+        super().validate()
         require(self.split in ("val", "train"), "split", f"must be 'val' or 'train', got {self.split!r}")
+        require(
+            not (self.long_context and self.out),
+            "out",
+            "is the per-source report's file; with long_context=true the report goes to eval_dir",
+        )
         for key in ("batches", "sequences", "micro_batch"):
             value = getattr(self, key)
             require(value is None or value >= 0, key, f"must be >= 0, got {value}")
 
 
+def text_documents(patterns: list[str], tokenizer: Any, info: Any, add_bos: bool) -> ArrayDocumentStore:
+    """Files (paths or globs, in sorted order) as documents encoded like the run's: [BOS] + ids + [EOS]."""
+    files = sorted(
+        {p for pattern in patterns for p in glob.glob(pattern, recursive=True) if Path(p).is_file()}
+    )
+    if not files:
+        raise FileNotFoundError(f"texts: no file matches {patterns}")
+    texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
+    bos = info.bos_id if add_bos else None
+    tokens, lengths = encode_documents(tokenizer, texts, info.eos_id, np.dtype(np.int64), bos)
+    return ArrayDocumentStore(tokens, np.concatenate([[0], np.cumsum(lengths)]))
+
+
+def _run_long_context(config: EvaluateConfig) -> dict[str, Any]:
+    compare = [_read_report(path) for path in config.compare]  # a wrong path fails before the model loads
+    report = evaluate_long_context(
+        config.run,
+        config,
+        split=config.split,
+        micro_batch_size=config.micro_batch,
+        device=config.device,
+        max_seq_len=config.max_seq_len,
+        texts=config.texts,
+    )
+    directory = Path(config.eval_dir or Path(report["run_dir"]) / "eval" / Path(report["checkpoint"]).name)
+    atomic_write_json(directory / "long_context.json", report)
+    plots = write_plots(report, directory, compare)
+    sys.stderr.write(format_summary(report) + "\n")
+    sys.stderr.write(f"wrote {', '.join(str(p) for p in [directory / 'long_context.json', *plots])}\n")
+    return report
+
+
+def _read_report(path: str) -> dict[str, Any]:
+    """A long_context.json, given as the file or the directory holding it."""
+    file = Path(path) / "long_context.json" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"compare: no long-context report at {file}")
+    return json.loads(file.read_text())
+
+
 def _run(config: EvaluateConfig) -> dict[str, Any]:
+    if config.long_context:
+        return _run_long_context(config)
     report = evaluate(
         config.run,
         split=config.split,

@@ -84,9 +84,26 @@ def hf_state_dict(
 def llama_config(cfg: ModelConfig, bos_id: int, eos_id: int, pad_id: int, dtype: str) -> dict:
     """`config.json` of a LlamaForCausalLM with our shapes and RoPE settings, as plain JSON.
 
-    RoPE base scaling is folded into `rope_theta`; position interpolation is Llama's "linear" rope scaling
-    (positions divided by the factor), the same rotation our model applies.
+    `rope_theta` is the effective base (`rope_base` times `rope_base_scaling`); a base change (ABF) needs
+    nothing else. `rope_scaling` is None for plain RoPE, the "linear" type for position interpolation
+    (positions divided by the factor), or the "yarn" type with its factor, the pretraining window as
+    `original_max_position_embeddings` and both betas; the attention factor only when set, as transformers
+    derives the same default (0.1 ln(factor) + 1). YaRN's correction range is rounded outwards, transformers'
+    default too, so `truncate` is left out for readers that predate it. transformers then rotates as we do.
     """
+    scaling = None
+    if cfg.rope_scaling != 1.0 and cfg.rope_type == "linear":
+        scaling = {"rope_type": "linear", "factor": cfg.rope_scaling}
+    elif cfg.rope_scaling != 1.0:
+        scaling = {
+            "rope_type": "yarn",
+            "factor": float(cfg.rope_scaling),
+            "original_max_position_embeddings": cfg.rope_original_max_seq_len,
+            "beta_fast": float(cfg.yarn_beta_fast),
+            "beta_slow": float(cfg.yarn_beta_slow),
+        }
+        if cfg.yarn_attention_factor is not None:
+            scaling["attention_factor"] = float(cfg.yarn_attention_factor)
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -99,10 +116,8 @@ def llama_config(cfg: ModelConfig, bos_id: int, eos_id: int, pad_id: int, dtype:
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_base * cfg.rope_base_scaling,
-        "rope_scaling": (
-            {"rope_type": "linear", "factor": cfg.rope_scaling} if cfg.rope_scaling != 1.0 else None
-        ),
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": scaling,
         "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
@@ -159,8 +174,7 @@ def write_hf_model(
             if not source.is_file():
                 raise ExportError(f"tokenizer file {source} is missing; re-run `python -m data.tokenizer`")
             shutil.copyfile(source, tmp / name)
-        if add_bos:
-            _prepend_bos(tmp, info.bos_id)
+        _encode_as_training(tmp, info.bos_id, add_bos)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -168,21 +182,24 @@ def write_hf_model(
     return out_dir
 
 
-def _prepend_bos(directory: Path, bos_id: int) -> None:
-    """Make `AutoTokenizer(text)` give [BOS] + ids as training documents start: a post-processor in
-    tokenizer.json (what transformers applies to a PreTrainedTokenizerFast), and the same choice as
-    add_bos_token/add_eos_token in tokenizer_config.json for tools that read those flags instead."""
+def _encode_as_training(directory: Path, bos_id: int, add_bos: bool) -> None:
+    """Make `AutoTokenizer(text)` encode text as training documents were: a special token's spelling in the
+    text stays text (`split_special_tokens`), and with `add_bos` the ids start with BOS, through a
+    post-processor in tokenizer.json (what transformers applies to a PreTrainedTokenizerFast) and the same
+    choice as add_bos_token/add_eos_token in tokenizer_config.json for tools that read those flags instead."""
     from tokenizers import Tokenizer
     from tokenizers.processors import TemplateProcessing
 
-    tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    bos = tokenizer.id_to_token(bos_id)
-    tokenizer.post_processor = TemplateProcessing(
-        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
-    )
-    atomic_write_text(directory / "tokenizer.json", tokenizer.to_str(pretty=True))
     config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
-    config.update(add_bos_token=True, add_eos_token=False)
+    config.update(split_special_tokens=True)
+    if add_bos:
+        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        bos = tokenizer.id_to_token(bos_id)
+        tokenizer.post_processor = TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
+        )
+        atomic_write_text(directory / "tokenizer.json", tokenizer.to_str(pretty=True))
+        config.update(add_bos_token=True, add_eos_token=False)
     atomic_write_json(directory / "tokenizer_config.json", config)
 
 

@@ -146,6 +146,7 @@ def generate(
 def encode_prompt(tokenizer: Tokenizer, info: TokenizerInfo, prompt: str, add_bos: bool = True) -> list[int]:
     """Prompt ids as a training document starts: BOS + the prompt's ids when the run's documents had a BOS
     (`data.add_bos`), BOS alone for an empty prompt; without BOS an empty prompt starts from EOS."""
+    tokenizer.encode_special_tokens = True  # as documents were encoded: "</s>" in a prompt is text
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     if add_bos:
         return [info.bos_id, *ids]

@@ -33,6 +33,7 @@ from pretrain.config import DeepSpeedConfig, OptimConfig
 from pretrain.model import ModelConfig, Transformer
 
 BF16, FP32 = 2, 4
+GIB = 2**30
 DEFAULT_SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's default `zero_optimization.sub_group_size`
 
 

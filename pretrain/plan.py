@@ -24,12 +24,12 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from data.cli import compose_conf, to_config
 from pretrain.batching import schedule_layouts
 from pretrain.config import ConfigError, PretrainConfig, register_configs, typed_pretrain_config
-from pretrain.memory_model import MemoryEstimate, ParamInventory, Strategy, zero3_memory
+from pretrain.memory_model import GIB, MemoryEstimate, ParamInventory, Strategy, zero3_memory
 from pretrain.metrics import PEAK_BF16_TFLOPS
 from pretrain.model import count_parameters, flops_per_token
+from pretrain.plan_table import render_table
 from pretrain.schedule import plan_steps
 
-GIB = 2**30
 # Device memory outside what torch.cuda.max_memory_allocated counts (CUDA context, NCCL buffers, cuBLAS and
 # kernel workspaces), and the caching allocator's fragmentation on top of what it counts.
 CUDA_RESERVED_GIB = 1.5
@@ -268,9 +268,42 @@ def build_plan(cfg: PlanConfig) -> dict[str, Any]:
         },
         "memory": [_variant_dict(v, configured=i == 0) for i, v in enumerate(variants)],
         "zero_stage": cfg.deepspeed.zero_stage,
+        "host_per_rank_gib": HOST_PER_RANK_GIB,
         "fits": chosen.fits,
         "warnings": warnings,
         "suggestions": suggestions,
+        "scaling": scaling(cfg, inventory, strategies),
+    }
+
+
+MAX_GPUS = 4096
+
+
+def scaling(cfg: PlanConfig, inventory: ParamInventory, strategies: list[Strategy]) -> dict[str, Any]:
+    """How many GPUs of the cluster's kind each strategy needs at this sequence length (powers of two), and
+    whether one sequence's activations outgrow a GPU at any count: ZeRO shards the model state over the
+    GPUs but not the activations, which past that point need DeepSpeed-Ulysses sequence parallelism."""
+    micro = cfg.train.micro_batch_size
+    needs = {}
+    for strategy in strategies:
+        world = 1
+        while world <= MAX_GPUS and not evaluate(cfg, inventory, strategy, world, micro).fits_gpu:
+            world *= 2
+        needs[strategy.label] = world if world <= MAX_GPUS else None
+    # At the largest count the state is nearly gone: what is left is (mostly) one micro-batch's activations.
+    floor = evaluate(cfg, inventory, strategies[0], MAX_GPUS, 1)
+    acts = floor.estimate.activations
+    activations_gib = acts.peak / GIB if acts is not None else 0.0
+    degree = 1
+    while degree <= 64 and gpu_need_gib(floor.estimate.gpu_peak - int(acts.peak * (1 - 1 / degree))) > (
+        cfg.cluster.memory_gib
+    ):
+        degree *= 2
+    return {
+        "seq_len": cfg.data.packing.seq_len,
+        "min_gpus": needs,
+        "activations_gib_at_micro_batch_1": activations_gib,
+        "sequence_parallel_degree": degree if degree <= 64 else None,
     }
 
 
@@ -316,59 +349,6 @@ def _suggestions(cfg: PlanConfig, inventory: ParamInventory, variants: list[Vari
             break
         nodes *= 2
     return out
-
-
-def _duration(seconds: float) -> str:
-    if seconds >= 2 * 86400:
-        return f"{seconds / 86400:.1f} days"
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
-
-
-def render_table(plan: dict[str, Any]) -> str:
-    """The plan as text for a terminal."""
-    m, c, cl = plan["model"], plan["compute"], plan["cluster"]
-    lines = [
-        f"model {m['name']}: {m['parameters']:,} parameters ({m['non_embedding_parameters']:,} non-embedding), "
-        f"seq_len {m['seq_len']}",
-        f"FLOPs per token {m['flops_per_token']:.4g} (6N + attention); "
-        f"{c['total_tokens']:.4g} tokens -> {c['total_flops']:.4g} FLOPs (6PC: {c['six_pc_flops']:.4g})",
-        f"cluster {cl['nodes']} node(s) x {cl['gpus_per_node']} {cl['gpu']} = {cl['world_size']} GPU(s), "
-        f"{cl['peak_tflops']:.0f} TFLOP/s peak bf16, {cl['gpu_memory_gib']:.1f} GiB each, MFU {cl['mfu']:.0%}",
-        f"time {_duration(c['seconds'])} ({c['gpu_hours']:,.0f} GPU-hours), {c['tokens_per_second']:,.0f} tokens/s, "
-        f"{c['optimizer_steps']:,} steps, {c['final_step_seconds']:.3g} s per step at the final batch "
-        f"(micro-batch {cl['micro_batch_size']}, grad accumulation {cl['grad_accumulation_final']})",
-        "",
-        f"memory per GPU under ZeRO-{plan['zero_stage']} (allocated: torch's peak; need: + allocator headroom and "
-        "CUDA context;",
-        f"host/node: offloaded state + {HOST_PER_RANK_GIB:.0f} GiB per rank for the processes themselves):",
-        f"  {'strategy':<48}{'allocated':>10}{'need':>9}  {'host/node':>10}  fits  peak in",
-    ]
-    for v in plan["memory"]:
-        mark = "*" if v["configured"] else " "
-        fits = "yes" if v["fits_gpu"] and v["fits_cpu"] else ("no" if not v["fits_gpu"] else "host")
-        lines.append(
-            f"{mark} {v['strategy']:<48}{v['gpu_allocated_gib']:>8.1f}Gi{v['gpu_need_gib']:>7.1f}Gi"
-            f"  {v['cpu_per_node_gib']:>8.0f}Gi  {fits:<4}  {v['peak_phase']}"
-        )
-    chosen = plan["memory"][0]
-    lines += ["", f"breakdown of * ({chosen['strategy']}), GiB per GPU:"]
-    for name, value in chosen["resident_bytes"].items():
-        lines.append(f"  {name:<40}{value / GIB:>9.2f}")
-    for phase, terms in chosen["phase_bytes"].items():
-        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in terms.items())
-        lines.append(f"  + in {phase}: {sum(terms.values()) / GIB:.2f} ({parts})")
-    for name, value in chosen["cpu_bytes_per_rank"].items():
-        lines.append(f"  host, per rank: {name:<24}{value / GIB:>9.2f}")
-    lines.append("")
-    lines += [f"WARNING: {w}" for w in plan["warnings"]]
-    if plan["suggestions"]:
-        lines.append("to make it fit, any of:")
-        lines += [f"  - {s}" for s in plan["suggestions"]]
-    if plan["fits"]:
-        lines.append(f"fits: {chosen['gpu_need_gib']:.1f} of {cl['gpu_memory_gib']:.1f} GiB per GPU")
-    return "\n".join(lines) + "\n"
 
 
 @hydra.main(config_path="../conf", config_name="plan", version_base="1.3")

@@ -43,43 +43,49 @@ def universal_root(run_dir: Path) -> Path:
     return Path(run_dir) / UNIVERSAL_DIR
 
 
-def committed_copy(run_dir: Path, tag: str) -> Path | None:
-    """The committed universal copy of checkpoint `tag`, or None when there is none (or only a partial one)."""
-    path = universal_root(run_dir) / tag
+def committed_copy(run_dir: Path, name: str, source: Path) -> Path | None:
+    """The committed universal copy `name` of checkpoint `source`, or None when there is none (or only a
+    partial one, or one made from another checkpoint)."""
+    path = universal_root(run_dir) / name
     try:
         listing = json.loads((path / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    for name, size in listing.get("files", {}).items():
-        file = path / name
+    if listing.get("source") != str(Path(source).resolve()):
+        return None
+    for file_name, size in listing.get("files", {}).items():
+        file = path / file_name
         if not file.is_file() or file.stat().st_size != size:
             return None
     return path
 
 
-def convert(run_dir: Path, checkpoint: Path) -> tuple[Path, float, int]:
-    """The committed universal copy of `checkpoint` (converted now if needed): (path, seconds, bytes).
+def convert(run_dir: Path, checkpoint: Path, name: str | None = None) -> tuple[Path, float, int]:
+    """The committed universal copy of `checkpoint` in `run_dir` (converted now if needed), named `name`
+    (default: the checkpoint's tag): (path, seconds spent converting, bytes).
 
     Call it on one rank only; the others wait at a barrier. An uncommitted copy (a conversion that was killed)
     and any staging directory are removed first.
     """
-    existing = committed_copy(run_dir, checkpoint.name)
+    name = name or checkpoint.name
+    existing = committed_copy(run_dir, name, checkpoint)
     if existing is not None:
         return existing, 0.0, _size(existing)
     root = universal_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for leftover in [root / checkpoint.name, *root.glob(".staging-*")]:
+    for leftover in [root / name, *root.glob(".staging-*")]:
         shutil.rmtree(leftover, ignore_errors=True)
     started = time.perf_counter()
     # ds_to_universal writes `latest_universal` into its output's parent: keep that inside the staging dir.
     staging = root / f".staging-{os.getpid()}"
-    output = staging / checkpoint.name
+    output = staging / name
     _run_ds_to_universal(checkpoint, output)
     files = {str(p.relative_to(output)): p.stat().st_size for p in sorted(output.rglob("*")) if p.is_file()}
-    os.replace(output, root / checkpoint.name)
+    final = root / name
+    os.replace(output, final)
     shutil.rmtree(staging, ignore_errors=True)
-    final = root / checkpoint.name
-    atomic_write_text(final / MARKER, json.dumps({"source": str(checkpoint), "files": files}, indent=1))
+    source = str(Path(checkpoint).resolve())
+    atomic_write_text(final / MARKER, json.dumps({"source": source, "files": files}, indent=1))
     return final, time.perf_counter() - started, _size(final)
 
 

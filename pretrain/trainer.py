@@ -16,13 +16,22 @@ from data.mixture import MixtureDataset
 from data.tokenizer import TokenizerInfo, load_tokenizer
 from pretrain import engine as eng
 from pretrain.batching import schedule_layouts
-from pretrain.checkpoint import DEEPSPEED_FILE, SUMMARY_FILE, CheckpointManager, RunDir, config_yaml
+from pretrain.checkpoint import DEEPSPEED_FILE, SUMMARY_FILE, CheckpointManager, RunDir, config_yaml, tag_for
 from pretrain.config import ConfigError, PretrainConfig
 from pretrain.faults import FaultDrills, StopRequest
 from pretrain.generate import SamplingConfig, continuation, encode_prompt, generate
+from pretrain.long_eval import held_out_documents
+from pretrain.long_report import (
+    LongContextSettings,
+    format_summary,
+    headline_metrics,
+    long_context_report,
+    write_plots,
+)
 from pretrain.metrics import SpikeDetector, Throughput, memory_gib, peak_tflops
 from pretrain.model import flops_per_token
 from pretrain.schedule import LRSchedule
+from pretrain.stages import parent_to_start_from, start_from_parent
 from pretrain.tracking import RunTracker, wandb_run_id
 
 log = get_logger(__name__)
@@ -70,6 +79,7 @@ class Trainer:
         self.val_sources = {name: val_data.for_source(name) for name in cfg.data.sources}
         self.loader = GlobalBatchLoader(self.train_data, rank=env.rank, world_size=env.world_size)
 
+        parent = parent_to_start_from(cfg, self.tok_info)  # checked before the (costly) engine is built
         torch.manual_seed(cfg.train.seed)  # the same init on every rank: ZeRO-3 keeps each rank's slice of it
         self.engine = eng.TrainingEngine(cfg, env, self.layouts[self.batch(0)])
         local, total = self.engine.local_parameter_count()
@@ -112,6 +122,8 @@ class Trainer:
         if resumed is not None:
             self.state = TrainerState(**resumed)
             self.loader.load_state_dict(self.state.loader)
+        elif parent is not None:
+            start_from_parent(cfg, parent, self.engine, self.checkpoints, env.is_main)
         if env.is_main:
             run_id = self.state.wandb_run_id or wandb_run_id(self.run_dir)
         else:
@@ -299,8 +311,33 @@ class Trainer:
             final = self.evaluate()
             self._log(final, self.state.step)
             last.update(final)
+        if self.state.tokens >= total and steps_here and cfg.eval_long_context:
+            self._log(self.evaluate_long_context(), self.state.step)
         log.info("trained %d steps in this process in %.1fs", steps_here, time.perf_counter() - start)
         return last
+
+    def evaluate_long_context(self) -> dict[str, float]:
+        """The long-context suite (`pretrain.long_report`) on the trained model, at its window: every rank runs
+        the same forwards (ZeRO-3 gathers the weights), rank 0 writes the report and its PNGs to
+        runs/<name>/eval/<step tag>/ and returns its headline numbers for wandb."""
+        documents = held_out_documents(self.cfg.data, self.tok_info)
+        report = long_context_report(
+            self.engine.model,
+            self.tokenizer,
+            self.tok_info,
+            documents,
+            LongContextSettings(),
+            add_bos=self.cfg.data.add_bos,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+        )
+        if not self.env.is_main:
+            return {}
+        directory = self.run_dir / "eval" / tag_for(self.state.step)
+        report.update(step=self.state.step, run_dir=str(self.run_dir), train_seq_len=self.seq_len)
+        RunDir(directory).write_json("long_context.json", report)
+        write_plots(report, directory)
+        log.info("%s\n(report and plots in %s)", format_summary(report), directory)
+        return headline_metrics(report)
 
     def save(self) -> None:
         self.state.loader = self.loader.state_dict()

@@ -141,19 +141,14 @@ class CheckpointManager:
         candidates = self.committed()
         abandoned: list[Path] = []
         for path in reversed(candidates):
-            problem = checkpoint_problem(path)
-            state = None
+            state, problem = None, checkpoint_problem(path)
             if problem is None:
-                written_by = len(list(path.glob("rng_rank*.pt")))
-                source = (self.root, path.name, False)
-                if written_by != self.world_size:
-                    source, problem = self._universal_source(path, written_by)
+                problem = self.load_engine_state(engine, path)
             if problem is None:
                 try:
-                    engine.load(str(source[0]), source[1], universal=source[2])
                     state = json.loads((path / STATE_FILE).read_text())
                     self._restore_rng(path, state["step"])
-                except Exception as err:  # a corrupt file that DeepSpeed or torch could not read
+                except Exception as err:
                     problem = f"load failed on rank {self.rank}: {type(err).__name__}: {err}"
             if self.all_ranks_ok(problem is None) and state is not None:
                 log.info("resumed from %s (step %d, %d tokens)", path, state["step"], state["tokens"])
@@ -172,13 +167,29 @@ class CheckpointManager:
             )
         return None
 
-    def _universal_source(self, path: Path, written_by: int) -> tuple[tuple[Path, str, bool], str | None]:
-        """Where to load a checkpoint of `written_by` ranks from at this world size: its universal copy, made
-        by rank 0 while the others wait. Returns the (directory, tag, universal) to load and a problem, if any."""
+    def load_engine_state(self, engine: Any, path: Path, copy_name: str | None = None) -> str | None:
+        """Load the committed checkpoint `path` (of this run or another) into `engine`; None, or what went wrong
+        on this rank. A checkpoint of another world size goes through its universal copy in this run's
+        directory (named `copy_name`, default its tag), converted by rank 0 while the others wait."""
+        written_by = len(list(path.glob("rng_rank*.pt")))
+        directory, tag, universal = path.parent, path.name, False
+        if written_by != self.world_size:
+            copy, problem = self._universal_copy(path, written_by, copy_name or path.name)
+            if problem is not None:
+                return problem
+            directory, tag, universal = copy.parent, copy.name, True
+        try:
+            engine.load(str(directory), tag, universal=universal)
+        except Exception as err:  # a corrupt file that DeepSpeed or torch could not read
+            return f"load failed on rank {self.rank}: {type(err).__name__}: {err}"
+        return None
+
+    def _universal_copy(self, path: Path, written_by: int, name: str) -> tuple[Path, str | None]:
+        """The universal copy of a checkpoint of `written_by` ranks, made by rank 0 while the others wait."""
         problem = None
         if self.rank == 0:
             try:
-                copy, seconds, size = reshard.convert(self.run.path, path)
+                copy, seconds, size = reshard.convert(self.run.path, path, name)
                 verb = f"converted in {seconds:.1f} s" if seconds else "reusing its universal copy"
                 log.info(
                     "checkpoint %s was written by %d ranks, this run has %d: %s (%.1f MB, %s)",
@@ -191,11 +202,11 @@ class CheckpointManager:
                     "ranks, or fix the cause and start again"
                 )
         if not self.all_ranks_ok(problem is None):
-            return (path, path.name, True), problem or "its universal conversion failed on rank 0"
-        copy = reshard.committed_copy(self.run.path, path.name)
+            return path, problem or "its universal conversion failed on rank 0"
+        copy = reshard.committed_copy(self.run.path, name, path)
         if copy is None:
-            return (path, path.name, True), "its universal copy is not visible on this rank"
-        return (copy.parent, copy.name, True), None
+            return path, "its universal copy is not visible on this rank"
+        return copy, None
 
     def _restore_rng(self, path: Path, step: int) -> None:
         """This rank's RNG from the checkpoint; a rank it has no file for gets a derived one."""

@@ -103,7 +103,9 @@ def test_auto_tokenizer_encodes_like_training(tiny_export, tokenizer_dir):
 
     ours, info = load_tokenizer(tokenizer_dir)
     theirs = transformers.AutoTokenizer.from_pretrained(str(tiny_export))
-    for text in ("def area(r):\n    return 3.14 * r ** 2\n", "Unicode: naïve café — ok", "  leading spaces"):
+    texts = ("def area(r):\n    return 3.14 * r ** 2\n", "Unicode: naïve café — ok", "  leading spaces",
+             "a </s> in the text, and <pad> too")  # special tokens spelled in text are text  # fmt: skip
+    for text in texts:
         # A training document is [BOS] + ids + [EOS]; a text to score or continue is that document before EOS.
         document, _ = encode_documents(ours, [text], info.eos_id, np.dtype(np.int64), info.bos_id)
         assert theirs(text)["input_ids"] == document[:-1].tolist()

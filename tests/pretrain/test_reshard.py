@@ -113,7 +113,7 @@ def test_a_killed_conversion_is_never_used_half_done(tmp_path):
         time.sleep(rng.uniform(0.5, 4.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        found = reshard.committed_copy(run, checkpoint.name)
+        found = reshard.committed_copy(run, checkpoint.name, checkpoint)
         if found is None:
             outcomes.add("none")
             continue
