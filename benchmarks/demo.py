@@ -10,6 +10,7 @@ training tokens/s after the first 10 steps (2 ranks, ZeRO-3, gloo), and the fina
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -30,14 +31,27 @@ def seconds(stamp: str) -> float:
     return t.hour * 3600 + t.minute * 60 + t.second
 
 
+@contextlib.contextmanager
+def _kept(directory: Path):
+    yield str(directory)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="run in this (empty) directory and keep artifacts/ and runs/"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to `python -m pretrain`")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="demo-bench-") as tmp:
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        if any((args.keep / name).exists() for name in ("artifacts", "runs")):
+            sys.exit(f"{args.keep} already has artifacts/ or runs/: the demo must start from nothing")
+    context = tempfile.TemporaryDirectory(prefix="demo-bench-") if args.keep is None else None
+    with context if context is not None else _kept(args.keep) as tmp:
         cmd = [sys.executable, "-m", "pretrain", f"paths.artifacts={tmp}/artifacts", f"paths.runs={tmp}/runs"]
         cmd += args.overrides
         started = time.perf_counter()
