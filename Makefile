@@ -18,8 +18,9 @@ setup: $(PY)
 demo: setup
 	$(PY) -m pretrain
 
+# Two workers: a multi-rank test spends much of its time starting up and waiting, which the other one fills.
 test: setup
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadscope --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm"

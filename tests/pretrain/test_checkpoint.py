@@ -53,7 +53,7 @@ def test_weights_that_do_not_fit_the_config_are_refused():
 def run_copy(debug_run, tmp_path) -> Path:
     """A copy of the shared debug run that a test may damage."""
     copy = tmp_path / "runs" / debug_run.name
-    shutil.copytree(debug_run, copy, ignore=shutil.ignore_patterns("wandb", "hf"))
+    shutil.copytree(debug_run, copy, ignore=shutil.ignore_patterns("wandb", "hf", "eval"))
     return copy
 
 

@@ -101,12 +101,11 @@ def test_finished_run_exits_zero_without_training(straight_run, debug_artifacts)
     assert (run_dir / "metrics.jsonl").read_text() == before
 
 
-@pytest.mark.parametrize("checkpoint_every", [10, 7])
-def test_kill_and_resume_gives_bitwise_identical_losses(
-    straight_run, debug_artifacts, tmp_path, checkpoint_every
-):
-    """SIGKILL rank 0 after step 23, resume from the last checkpoint (step 20, or the odd step 21): every step,
-    across the batch growth at step 26, equals the uninterrupted run."""
+def test_kill_and_resume_gives_bitwise_identical_losses(straight_run, debug_artifacts, tmp_path):
+    """SIGKILL rank 0 after step 23, resume from the last checkpoint (the odd step 21, one that no eval or
+    schedule boundary lines up with): every step, across the batch growth at step 26, equals the uninterrupted
+    run."""
+    checkpoint_every = 7
     runs = tmp_path / "runs"
     cmd = [
         sys.executable, "-m", "pretrain", "+experiment=debug",

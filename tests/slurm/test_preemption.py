@@ -14,9 +14,10 @@ from tests.slurm.test_cluster_smoke import TWO_RANKS, losses_by_step
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-# 25 steps of 512 tokens, then 175 of 1024: long enough to be interrupted three times.
-TOTAL_TOKENS = 12800 + 175 * 1024
-STEPS = 200
+# 25 steps of 512 tokens, then 95 of 1024: long enough to be interrupted three times (each incarnation is
+# stopped a few steps after it starts).
+TOTAL_TOKENS = 12800 + 95 * 1024
+STEPS = 120
 
 
 def wait_until(predicate, timeout: float, explain) -> None:
