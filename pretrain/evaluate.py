@@ -36,9 +36,9 @@ from data.mixture import MixtureDataset
 from data.packing import ArrayDocumentStore
 from data.tokenize_pool import encode_documents
 from data.tokenizer import load_tokenizer
-from pretrain.checkpoint import load_trained
+from pretrain.checkpoint import find_checkpoint, load_trained
 from pretrain.cli import hydra_command
-from pretrain.config import require
+from pretrain.config import PretrainConfig, require
 from pretrain.long_eval import held_out_documents
 from pretrain.long_report import LongContextSettings, format_summary, long_context_report, write_plots
 from pretrain.model import Transformer
@@ -226,8 +226,9 @@ class EvaluateConfig(LongContextSettings):
     # Write the JSON report here instead of stdout.
     out: str | None = None
     log_level: str = "INFO"
-    # Loss by position, copy probe and passkey grid instead of the per-source loss.
-    long_context: bool = False
+    # Loss by position, copy probe and passkey grid instead of the per-source loss; unset, what the run was
+    # trained to be evaluated on (its train.eval_long_context, set by long-context stages such as demo_long).
+    long_context: bool | None = None
     # Where long_context.json and its PNGs go (default: <run>/eval/<checkpoint tag>/).
     eval_dir: str | None = None
     # Other long_context.json files (or directories holding one) overlaid on the loss-by-position plot.
@@ -290,8 +291,17 @@ def _read_report(path: str) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
+def wants_long_context(config: EvaluateConfig, run_config: PretrainConfig) -> bool:
+    """`long_context` as given, or else the run's own choice: a long-context stage gets the long-context suite."""
+    if config.long_context is not None:
+        return config.long_context
+    return run_config.train.eval_long_context
+
+
 def _run(config: EvaluateConfig) -> dict[str, Any]:
-    if config.long_context:
+    checkpoint = find_checkpoint(config.run)  # chosen (and any broken newer one named) once
+    config = dataclasses.replace(config, run=str(checkpoint.path))
+    if wants_long_context(config, checkpoint.config()):
         return _run_long_context(config)
     report = evaluate(
         config.run,

@@ -21,7 +21,7 @@ from data.config import ConfigError
 from data.packing import ArrayDocumentStore
 from data.tokenizer import load_tokenizer
 from pretrain.config import ModelConfig, compose_pretrain_config
-from pretrain.evaluate import main
+from pretrain.evaluate import EvaluateConfig, main, wants_long_context
 from pretrain.long_eval import (
     PasskeyTemplate,
     answer_digits,
@@ -284,6 +284,15 @@ def test_out_and_long_context_are_exclusive(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["runs/x", "long_context=true", "out=report.json"])
     assert exit_info.value.code == 2 and "out:" in capsys.readouterr().err
+
+
+def test_a_long_context_stage_gets_the_long_context_suite_by_default():
+    stage = compose_pretrain_config(["+experiment=demo_long"])
+    plain = compose_pretrain_config(["+experiment=debug"])
+    assert wants_long_context(EvaluateConfig(run="runs/demo_long"), stage)
+    assert not wants_long_context(EvaluateConfig(run="runs/debug"), plain)
+    assert not wants_long_context(EvaluateConfig(run="runs/demo_long", long_context=False), stage)
+    assert wants_long_context(EvaluateConfig(run="runs/debug", long_context=True), plain)
 
 
 @pytest.mark.slow
