@@ -3,7 +3,8 @@
     python benchmarks/plan_vs_measured.py --out benchmarks/results/plan_vs_measured.json
 
 Runs `python -m pretrain +experiment=debug ...` (2 local ZeRO-3 ranks on CPU, one per GPU on CUDA) with a ~24M
-parameter model (bf16, seq_len 256, micro-batch 4, 5 optimizer steps of 2 micro-batches), once with activation
+parameter model (`deepspeed.precision=auto`: bf16 on a GPU or a CPU with native bf16, fp32 elsewhere; seq_len 256,
+micro-batch 4, 5 optimizer steps of 2 micro-batches), once with activation
 checkpointing and once without, reads the peak memory the trainer logs in runs/<name>/metrics.jsonl, and
 compares it with `pretrain.memory_model.zero3_memory` for the same composed config.
 
@@ -50,6 +51,7 @@ RUN = [
     "train.sample_tokens=0",
     "logging.wandb_mode=disabled",
     "logging.log_every_steps=1",
+    "deepspeed.precision=auto",  # the debug experiment pins fp32; measure what a user's run would use
 ]
 MODEL_24M = [
     "model.dim=512",
@@ -96,6 +98,7 @@ def ranks() -> int:
 
 def predicted_bytes(overrides: list[str], world: int, device: str) -> dict[str, Any]:
     from pretrain.config import compose_pretrain_config
+    from pretrain.hardware import resolve_precision
     from pretrain.memory_model import ParamInventory, Strategy, zero3_memory
 
     cfg = compose_pretrain_config(overrides)
@@ -109,6 +112,7 @@ def predicted_bytes(overrides: list[str], world: int, device: str) -> dict[str, 
         cfg.data.packing.seq_len,
         Strategy.of(cfg.deepspeed),
         device,
+        precision=resolve_precision(cfg.deepspeed.precision)[0],  # the precision the trainer will train in
     )
     return {"peak": est.gpu_peak, "phase": est.peak_phase, "parameters": inventory.total}
 
@@ -197,8 +201,12 @@ def run(args: argparse.Namespace, work: Path) -> None:
             row["measured_model_gib"], row["predicted_model_gib"] = row["measured_gib"], row["predicted_gib"]
         row["ratio_measured_over_predicted"] = row["measured_model_gib"] / row["predicted_model_gib"]
 
+    from pretrain.hardware import resolve_precision
+
+    precision, why = resolve_precision("auto")
     result = {
         "device": device,
+        "precision": f"{precision} ({why})",
         "ranks": world,
         "metric": "memory/max_allocated_gib" if device == "cuda" else "memory/peak_rss_gib (rank 0)",
         "malloc_env": env,
