@@ -18,9 +18,10 @@ setup: $(PY)
 demo: setup
 	$(PY) -m pretrain
 
-# Two workers: a multi-rank test spends much of its time starting up and waiting, which the other one fills.
+# Three workers on 2 cores: a multi-rank test spends part of its time waiting (on a Slurm job, a timeout, a
+# process start), which the others fill.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadscope --durations=15
+	$(PY) -m pytest -q -n 3 --dist loadscope --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm"

@@ -1,8 +1,8 @@
 """Shared fixtures: one prepared debug corpus per session, and a helper that runs the real 2-rank trainer.
 
-`make test` runs the suite on two pytest-xdist workers: each test file stays on one worker,
+`make test` runs the suite on three pytest-xdist workers: each test file stays on one worker,
 so its module fixtures are built once, and every Slurm test shares the one worker that owns the local cluster.
-Much of a multi-rank test is start-up and waiting, which the other worker fills. The session fixtures (the
+Part of a multi-rank test is waiting, which the other workers fill. The session fixtures (the
 debug corpus and the 2-rank debug run) are built once for all workers, under a file lock.
 """
 
@@ -19,7 +19,7 @@ from filelock import FileLock
 
 from tests.helpers import WANDB_SECRET, run_pretrain
 
-# The longest groups, longest first (measured with `--durations`): handed out first, so the two workers finish
+# The longest groups, longest first (measured with `--durations`): handed out first, so the workers finish
 # together instead of one running a long file alone at the end. Every other file follows in collection order.
 LONGEST_FIRST = (
     "tests/slurm",
@@ -51,7 +51,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """xdist's loadscope with `test_group` as the scope, the collection order kept, and a worker given its next
-    group only when its last test is running (not two tests ahead, which can leave the other worker idle)."""
+    group only when its last test is running (not two tests ahead, which can leave another worker idle)."""
     from xdist.scheduler import LoadScopeScheduling
 
     class FileGroupScheduling(LoadScopeScheduling):
