@@ -18,10 +18,9 @@ setup: $(PY)
 demo: setup
 	$(PY) -m pretrain
 
-# Three workers on 2 cores: a multi-rank test spends part of its time waiting (on a Slurm job, a timeout, a
-# process start), which the others fill.
+# Two workers, one per core: each test file stays on one worker, the longest first (tests/conftest.py).
 test: setup
-	$(PY) -m pytest -q -n 3 --dist loadscope --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadscope --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm"

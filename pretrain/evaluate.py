@@ -36,7 +36,7 @@ from data.mixture import MixtureDataset
 from data.packing import ArrayDocumentStore
 from data.tokenize_pool import encode_documents
 from data.tokenizer import load_tokenizer
-from pretrain.checkpoint import find_checkpoint, load_trained
+from pretrain.checkpoint import Checkpoint, find_checkpoint, load_trained
 from pretrain.cli import hydra_command
 from pretrain.config import PretrainConfig, require
 from pretrain.long_eval import held_out_documents
@@ -101,15 +101,7 @@ def evaluate(
     micro = micro_batch_size or cfg.train.micro_batch_size
     eval_batches = cfg.train.eval_batches if batches is None else batches
     log.info("scoring %s on the %s split (%s)", checkpoint.path, split, dev)
-    report: dict[str, Any] = {
-        "run_dir": str(checkpoint.run_dir),
-        "checkpoint": str(checkpoint.path),
-        "step": checkpoint.step,
-        "split": split,
-        "device": str(dev),
-        "precision": "bf16-autocast" if dev.type == "cuda" else "fp32",
-        "sources": {},
-    }
+    report = {**report_header(checkpoint, split, dev), "sources": {}}
     for name in data.source_names:
         source = data.for_source(name)
         if sequences is None:
@@ -119,6 +111,18 @@ def evaluate(
         report["sources"][name] = score(model, source, count, micro, dev)
     report["overall"] = combine(report["sources"].values())
     return report
+
+
+def report_header(checkpoint: Checkpoint, split: str, dev: torch.device) -> dict[str, Any]:
+    """What every report starts with: which checkpoint was scored, on what, and how."""
+    return {
+        "run_dir": str(checkpoint.run_dir),
+        "checkpoint": str(checkpoint.path),
+        "step": checkpoint.step,
+        "split": split,
+        "device": str(dev),
+        "precision": "bf16-autocast" if dev.type == "cuda" else "fp32",
+    }
 
 
 def evaluate_long_context(
@@ -145,13 +149,8 @@ def evaluate_long_context(
     tokenizer, info = load_tokenizer(cfg.tokenizer.dir)
     source = f"{len(texts)} text pattern(s)" if texts else f"the {split} split"
     log.info("long-context evaluation of %s on %s (%s)", checkpoint.path, source, dev)
-    report: dict[str, Any] = {
-        "run_dir": str(checkpoint.run_dir),
-        "checkpoint": str(checkpoint.path),
-        "step": checkpoint.step,
-        "split": split,
-        "device": str(dev),
-        "precision": "bf16-autocast" if dev.type == "cuda" else "fp32",
+    report = {
+        **report_header(checkpoint, split, dev),
         "train_seq_len": cfg.data.packing.seq_len,
         "texts": list(texts or []),
     }

@@ -1,8 +1,8 @@
 """Shared fixtures: one prepared debug corpus per session, and a helper that runs the real 2-rank trainer.
 
-`make test` runs the suite on three pytest-xdist workers: each test file stays on one worker,
+`make test` runs the suite on two pytest-xdist workers: each test file stays on one worker,
 so its module fixtures are built once, and every Slurm test shares the one worker that owns the local cluster.
-Part of a multi-rank test is waiting, which the other workers fill. The session fixtures (the
+Part of a multi-rank test is waiting, which the other worker fills. The session fixtures (the
 debug corpus and the 2-rank debug run) are built once for all workers, under a file lock.
 """
 
