@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from data.config import ConfigError, DataConfig
-from data.packing import PackedIndex, PackingStats
+from data.packing import PackedIndex, PackingStats, check_capacity, index_from_cuts, select_documents
 
 # Thresholds of the length distribution: the tiny CPU demo's documents are a few hundred to a few thousand
 # tokens, a real corpus' long tail reaches 32K and beyond; the run's seq_len and short-document threshold are
@@ -103,11 +103,9 @@ def pack_long_aligned(
     in its last sequence is padding, since the next group's document would only lose its head there. Without
     such documents the result is `pack_concat`'s.
     """
-    if capacity < 2:
-        raise ValueError(f"capacity must be at least 2 tokens (seq_len + 1), got {capacity}")
-    lengths = np.asarray(lengths, dtype=np.int64)
-    ids = np.arange(len(lengths), dtype=np.int64) if doc_ids is None else np.asarray(doc_ids, dtype=np.int64)
-    order = np.random.default_rng(seed).permutation(ids[lengths[ids] > 0])
+    check_capacity(capacity)
+    ids, lengths = select_documents(lengths, doc_ids)
+    order = np.random.default_rng(seed).permutation(ids)
     stride = capacity - 1
     doc_len = lengths[order]
     if len(order) == 0:
@@ -142,30 +140,14 @@ def pack_long_aligned(
     by_place = np.argsort(cut_seq * capacity + cut_place, kind="stable")
     cut_seq, cut_group, cut_local = cut_seq[by_place], cut_group[by_place], cut_local[by_place]
     cut_flat = group_flat[cut_group] + cut_local
-    same_seq_next = np.zeros(len(cut_seq), dtype=bool)
-    same_seq_next[:-1] = cut_seq[1:] == cut_seq[:-1]
     # A sequence stops after `capacity` tokens or at its group's end, where padding follows.
     seq_stop = group_flat[cut_group] + np.minimum(
         (cut_seq - group_seq0[cut_group]) * stride + capacity, group_len[cut_group]
     )
-    seg_end = np.where(same_seq_next, np.append(cut_flat[1:], 0), seq_stop)
-    owner = np.searchsorted(flat_begin, cut_flat, side="right") - 1
-    seq_offsets = np.searchsorted(cut_seq, np.arange(n_seq + 1), side="left").astype(np.int64)
-    seg_len = (seg_end - cut_flat).astype(np.int64)
     spans = (doc_len >= 2) & (local // stride != (local + doc_len - 2) // stride)
-    packed, n_tokens = int(seg_len.sum()), int(doc_len.sum())
-    stats = PackingStats(
-        mode="aligned",
-        capacity=capacity,
-        n_docs=len(order),
-        n_tokens=n_tokens,
-        n_sequences=n_seq,
-        padding_tokens=n_seq * capacity - packed,
-        split_docs=int(np.count_nonzero(spans)),
-        overlap_tokens=packed - n_tokens,
-    )
-    return PackedIndex(
-        capacity, seq_offsets, order[owner], (cut_flat - flat_begin[owner]).astype(np.int64), seg_len, stats
+    n_tokens, split_docs = int(doc_len.sum()), int(np.count_nonzero(spans))
+    return index_from_cuts(
+        "aligned", capacity, n_seq, cut_seq, cut_flat, seq_stop, order, flat_begin, n_tokens, split_docs
     )
 
 

@@ -199,14 +199,14 @@ class PackedIndex:
         return filled
 
 
-def _select(lengths: np.ndarray, doc_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def select_documents(lengths: np.ndarray, doc_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """The document ids to pack (non-empty ones only) and the full length array as int64."""
     lengths = np.asarray(lengths, dtype=np.int64)
     ids = np.arange(len(lengths), dtype=np.int64) if doc_ids is None else np.asarray(doc_ids, dtype=np.int64)
     return ids[lengths[ids] > 0], lengths
 
 
-def _check_capacity(capacity: int) -> None:
+def check_capacity(capacity: int) -> None:
     if capacity < 2:
         raise ValueError(f"capacity must be at least 2 tokens (seq_len + 1), got {capacity}")
 
@@ -277,10 +277,10 @@ def pack_best_fit(
 
     `lengths` holds every document's token count; `doc_ids` (default: all) picks which ones to pack.
     """
-    _check_capacity(capacity)
+    check_capacity(capacity)
     if window_docs < 1:
         raise ValueError(f"window_docs must be at least 1, got {window_docs}")
-    ids, lengths = _select(lengths, doc_ids)
+    ids, lengths = select_documents(lengths, doc_ids)
     ids = np.random.default_rng(seed).permutation(ids)
     bins_parts, doc_parts, start_parts, len_parts = [], [], [], []
     n_bins = 0
@@ -338,8 +338,8 @@ def pack_concat(
     boundary token ends a document (or starts one) it forms a one-token segment with no target: the same one
     position per sequence that the overlap costs anyway. The number of sequences depends only on the total.
     """
-    _check_capacity(capacity)
-    ids, lengths = _select(lengths, doc_ids)
+    check_capacity(capacity)
+    ids, lengths = select_documents(lengths, doc_ids)
     order = np.random.default_rng(seed).permutation(ids)
     stride = capacity - 1
     doc_len = lengths[order]
@@ -357,32 +357,57 @@ def pack_concat(
     by_place = np.argsort(cut_seq * capacity + (cut_at - cut_seq * stride), kind="stable")
     cut_seq, cut_at = cut_seq[by_place], cut_at[by_place]
     seq_stop = np.minimum(cut_seq * stride + capacity, total)
+    # A document's targets are its tokens 1..n-1, and stream target p falls in sequence (p - 1) // stride.
+    spans = (doc_len >= 2) & (doc_begin // stride != (doc_end - 2) // stride)
+    split_docs = int(np.count_nonzero(spans))
+    return index_from_cuts(
+        "concat", capacity, n_seq, cut_seq, cut_at, seq_stop, order, doc_begin, total, split_docs
+    )
+
+
+def index_from_cuts(
+    mode: str,
+    capacity: int,
+    n_seq: int,
+    cut_seq: np.ndarray,
+    cut_at: np.ndarray,
+    seq_stop: np.ndarray,
+    order: np.ndarray,
+    doc_begin: np.ndarray,
+    n_tokens: int,
+    split_docs: int,
+) -> PackedIndex:
+    """The index of a stream packed into `n_seq` sequences, from where its segments start.
+
+    The documents `order` lie back to back in one stream, document i from `doc_begin[i]`. Segment j starts at
+    stream position `cut_at[j]` in sequence `cut_seq[j]` (sorted by sequence, then by place in it) and runs to
+    the next segment's start in the same sequence, or else to `seq_stop[j]`, after which the sequence is padded.
+    `n_tokens` (the documents' total) and `split_docs` (those with targets in more than one sequence) go to the
+    stats.
+    """
     same_seq_next = np.zeros(len(cut_seq), dtype=bool)
     same_seq_next[:-1] = cut_seq[1:] == cut_seq[:-1]
     seg_end = np.where(same_seq_next, np.append(cut_at[1:], 0), seq_stop)
     owner = np.searchsorted(doc_begin, cut_at, side="right") - 1
     seq_offsets = np.searchsorted(cut_seq, np.arange(n_seq + 1), side="left").astype(np.int64)
     seg_len = (seg_end - cut_at).astype(np.int64)
-    # A document's targets are its tokens 1..n-1, and stream target p falls in sequence (p - 1) // stride.
-    spans = (doc_len >= 2) & (doc_begin // stride != (doc_end - 2) // stride)
     packed = int(seg_len.sum())
-    stats = PackingStats(
-        mode="concat",
-        capacity=capacity,
-        n_docs=len(order),
-        n_tokens=total,
-        n_sequences=n_seq,
-        padding_tokens=n_seq * capacity - packed,
-        split_docs=int(np.count_nonzero(spans)),
-        overlap_tokens=packed - total,
-    )
     return PackedIndex(
         capacity,
         seq_offsets,
         order[owner].astype(np.int64),
         (cut_at - doc_begin[owner]).astype(np.int64),
         seg_len,
-        stats,
+        PackingStats(
+            mode=mode,
+            capacity=capacity,
+            n_docs=len(order),
+            n_tokens=n_tokens,
+            n_sequences=n_seq,
+            padding_tokens=n_seq * capacity - packed,
+            split_docs=split_docs,
+            overlap_tokens=packed - n_tokens,
+        ),
     )
 
 

@@ -306,15 +306,8 @@ class TrainingEngine:
         torch's AdamW starts from, while the fp32 master weights keep the parent's full precision."""
         zero = self.engine.optimizer
         inner = getattr(zero, "optimizer", zero)
-        fresh = parameter_groups(
-            self.model, self.cfg.optim.weight_decay, self.cfg.optim.decay_norms_and_embeddings
-        )
-        for group, template in zip(inner.param_groups, fresh, strict=True):
-            group.update(
-                weight_decay=template["weight_decay"],
-                betas=tuple(self.cfg.optim.betas),
-                eps=self.cfg.optim.eps,
-            )
+        for group, initial in zip(inner.param_groups, self.initial_group_hyperparameters, strict=True):
+            group.update({key: initial[key] for key in ("weight_decay", "betas", "eps")})
         if keep_moments:
             return
         for state in inner.state.values():
