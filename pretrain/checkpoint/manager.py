@@ -35,10 +35,15 @@ log = get_logger(__name__)
 
 
 def _fsync_tree(directory: Path) -> None:
-    """Flush this rank's files so the commit marker never precedes the data it vouches for."""
+    """Flush this rank's files so the commit marker never precedes the data it vouches for. Another rank may be
+    writing into the same directory at the same time: a temporary file it renames away between the listing and
+    the open is skipped (its writer flushes it before the rename)."""
     for path in directory.rglob("*"):
         if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
             try:
                 os.fsync(fd)
             finally:
