@@ -75,11 +75,16 @@ def test_both_nodes_are_idle(slurm_cluster: LocalSlurmCluster):
 
 
 def test_two_node_job_runs_one_task_on_each_node(slurm_cluster: LocalSlurmCluster, tmp_path: Path):
+    # stderr apart: srun reports its own retries there ("step creation temporarily disabled, retrying" while
+    # the first step's nodes are still being released), and they are not the job's output.
     job = slurm_cluster.sbatch(
-        "-N", "2", f"--output={tmp_path}/%j.out", "--wrap", "srun hostname; srun printenv SLURMD_NODENAME"
-    )
+        "-N", "2",
+        f"--output={tmp_path}/%j.out",
+        f"--error={tmp_path}/%j.err",
+        "--wrap", "srun hostname; srun printenv SLURMD_NODENAME",
+    )  # fmt: skip
     record = slurm_cluster.wait_for_job(job)
-    assert record["JobState"] == "COMPLETED", record
+    assert record["JobState"] == "COMPLETED", (record, (tmp_path / f"{job}.err").read_text())
     lines = (tmp_path / f"{job}.out").read_text().splitlines()
     assert lines[:2] == [slurm_cluster.hostname] * 2
     assert sorted(lines[2:]) == ["n1", "n2"]
