@@ -81,11 +81,17 @@ def _deepspeed_imports(path: Path) -> set[str]:
     return out
 
 
+# The training engine, and what our math assumes of DeepSpeed (its version, the gradient-scale probe, the
+# checked reads of its internals that the engine's repairs need).
+DEEPSPEED_MODULES = ("pretrain.engine", "pretrain.versions")
+
+
 def test_deepspeed_engine_and_config_live_in_one_module():
-    """Only the engine module builds DeepSpeed's engine; others may use its checkpoint utilities only."""
+    """Only the engine module (and its version contract) use DeepSpeed's engine; others its checkpoint
+    utilities only."""
     for name, path in _modules().items():
         imports = _deepspeed_imports(path)
-        if name == "pretrain.engine":
+        if name in DEEPSPEED_MODULES:
             assert "deepspeed" in imports
             continue
         assert all(i.startswith(("deepspeed.utils", "deepspeed.checkpoint")) for i in imports), (

@@ -6,6 +6,11 @@ accumulated gradient (gathered from every rank's partition) to `--out`. With `--
 for the same weights, the per-micro-batch gradients of a plain copy of the model in the engine's precision
 summed in fp32: the gradient an exact fp32 accumulation gives.
 
+With `--reduction` it instead reduces, through the trainer's bf16 DeepSpeed config, per-rank gradients that are
+each exact in bf16 but whose sum is not, and writes the reduced gradient. `--set KEY=VALUE` adds Hydra
+overrides; `--break-scaling` puts back DeepSpeed 0.18.3's gradient hook (it divided by the accumulation steps
+even under `backward(scale_wrt_gas=False)`; fixed in 0.18.4), which the start-up check must refuse.
+
     torchrun --nproc_per_node=W tests/pretrain/grad_probe.py --micro M --precision bf16 --out grads.pt
 """
 
@@ -51,8 +56,13 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--gradient-dtype", default="fp32")
     parser.add_argument("--reference", action="store_true")
+    parser.add_argument("--reduction", action="store_true")
+    parser.add_argument("--break-scaling", action="store_true")
+    parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.break_scaling:
+        break_gradient_scaling()
 
     cfg = compose_pretrain_config(
         [
@@ -61,9 +71,13 @@ def main() -> None:
             f"deepspeed.gradient_dtype={args.gradient_dtype}",
             f"train.micro_batch_size={args.micro}",
             "deepspeed.activation_checkpointing=false",
+            *args.set,
         ]
     )
     env = eng.init_distributed(5.0)
+    if args.reduction:
+        reduce_across_ranks(cfg, env, args.out)
+        return
     layout = batch_layout(SEQUENCES * SEQ_LEN, SEQ_LEN, args.micro, env.world_size, "probe")
     torch.manual_seed(cfg.train.seed)
     engine = eng.TrainingEngine(cfg, env, layout)
@@ -86,6 +100,49 @@ def main() -> None:
         if args.reference:
             result["reference"] = reference_gradients(cfg, weights, batch, args.micro, targets)
         torch.save(result, args.out)
+    eng.shutdown()
+
+
+def break_gradient_scaling() -> None:
+    """DeepSpeed's per-tensor output hook as 0.18.3 had it, before its PR #7724: always divide by the
+    accumulation steps, whatever `scale_wrt_gas` says."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    def divide_always(self, grad):
+        return None if grad is None else grad / self.gradient_accumulation_steps()
+
+    DeepSpeedEngine._backward_prologue_per_tensor = divide_always
+
+
+# Rank 0 contributes 1 and rank 1 2**-9 to every element (each exact in bf16); their sum 1 + 2**-9 is not: bf16
+# keeps 8 significant bits, so a bf16 reduction rounds the sum back to 1.
+RANK_INPUTS = (1.0, 2.0**-9)
+
+
+def reduce_across_ranks(cfg, env, out: str) -> None:
+    """One micro-batch per rank of loss = w . x through the engine built from the trainer's bf16 DeepSpeed
+    config, the loss scaled by the world size as the trainer does; writes the reduced (fp32) gradient of w."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    assert env.world_size == len(RANK_INPUTS), "run the reduction probe on 2 ranks"
+    layout = batch_layout(env.world_size * SEQ_LEN, SEQ_LEN, 1, env.world_size, "reduction")
+    module = torch.nn.Linear(16, 1, bias=False)
+    torch.nn.init.zeros_(module.weight)
+    engine, *_ = deepspeed.initialize(
+        model=module,
+        optimizer=torch.optim.SGD(module.parameters(), lr=0.0),
+        config=eng.deepspeed_config(cfg, layout, "bf16"),
+        dist_init_required=False,
+    )
+    assert module.weight.dtype == torch.bfloat16
+    x = torch.full((1, 16), RANK_INPUTS[env.rank], dtype=torch.bfloat16)
+    engine.set_gradient_accumulation_boundary(True)
+    loss = engine(x).sum()
+    engine.backward(loss * env.world_size, scale_wrt_gas=False)
+    grad = safe_get_full_grad(module.weight).float().clone()
+    if env.is_main:
+        torch.save({"grad": grad}, out)
     eng.shutdown()
 
 
