@@ -9,8 +9,9 @@
     universal/step_N/    a checkpoint's universal copy, made when a run resumes on another world size
     broken_checkpoints/  checkpoints that failed to load and were set aside
 
-A checkpoint counts only once `COMMITTED` is written, by rank 0, after a barrier that every rank reaches only
-when its own files are on disk; the marker lists every file with its size. Every reader (the trainer's resume,
+A checkpoint counts only once `COMMITTED` is written, by rank 0, after every rank flushed and reported the files
+it wrote and rank 0 found each rank's set complete on disk; the marker records the world size, each rank's files
+and every file with its size. Every reader (the trainer's resume,
 export, evaluate, generate) takes the newest committed checkpoint whose files match that list and that loads,
 and says which broken one it skipped.
 """
@@ -36,6 +37,11 @@ CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "model_summary.json"
 DEEPSPEED_FILE = "deepspeed.json"
 BROKEN_DIR = "broken_checkpoints"
+
+
+def rng_file(rank: int) -> str:
+    """The name of rank `rank`'s RNG file in a checkpoint (zero-padded, so rank 1 never matches rank 10)."""
+    return f"rng_rank{rank:05d}.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -105,10 +111,25 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def read_marker(path: Path) -> dict[str, Any]:
+    """The commit marker of checkpoint `path`: step, world_size, each rank's files ("ranks") and every file with
+    its size ("files"); markers written before per-rank reports have only step and files."""
+    return json.loads((path / MARKER).read_text())
+
+
+def checkpoint_world_size(path: Path) -> int:
+    """How many ranks wrote the committed checkpoint `path`: the marker says so; for a marker of the older format
+    (without "world_size") the number of RNG files, one per rank, so old run directories still resume."""
+    listing = read_marker(path)
+    if "world_size" in listing:
+        return int(listing["world_size"])
+    return len(list(path.glob("rng_rank*.pt")))
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """Why a committed checkpoint cannot be used, or None when every file its marker lists is present and whole."""
     try:
-        listing = json.loads((path / MARKER).read_text())
+        listing = read_marker(path)
     except (OSError, json.JSONDecodeError) as err:
         return f"unreadable commit marker ({err})"
     for name, size in listing.get("files", {}).items():
@@ -142,8 +163,8 @@ class Checkpoint:
 
     @property
     def world_size(self) -> int:
-        """How many ranks wrote it (one RNG file each)."""
-        return len(list(self.path.glob("rng_rank*.pt")))
+        """How many ranks wrote it, as its commit marker records."""
+        return checkpoint_world_size(self.path)
 
     def config(self) -> PretrainConfig:
         """The config this checkpoint was written with; the run's `config.yaml` for checkpoints that predate

@@ -1,13 +1,15 @@
-"""Kill a checkpoint save at seeded random moments and check that loading never takes a partial checkpoint.
+"""Kill checkpoint saves at seeded random moments and check that loading never takes a partial checkpoint.
 
-Run as `python -m tests.pretrain.crash_trials --dir D --trials N --seed S` (test_checkpoint_crash.py does).
-The parent imports torch and DeepSpeed once and forks one child per trial (before any process group exists,
-so nothing of gloo crosses the fork). Each child builds a real DeepSpeed ZeRO-3 engine (world size 1, gloo),
-first loads the newest checkpoint exactly as a restarted job would and reports whether every part it loaded
-belongs to one committed step (engine state, RNG and trainer state all carry the step number), then keeps
-saving further steps with `CheckpointManager` until the parent SIGKILLs it after a seeded random delay, so
-the kill lands anywhere in a save: inside DeepSpeed's writes, between files, before or after the commit
-marker, during pruning. It prints one JSON line with the counts.
+Run as `python -m tests.pretrain.crash_trials --dir D --trials N --ranks R --seed S` (test_checkpoint_crash.py
+does). The parent imports torch and DeepSpeed once and, per trial, forks one child per rank (before any process
+group exists, so nothing of gloo crosses the fork). The children form a real gloo group of R ranks, each
+builds a real DeepSpeed ZeRO-3 engine, first loads the newest checkpoint exactly as a restarted job would (with
+the real collectives) and reports whether every part it loaded belongs to one committed step (engine state,
+its own RNG and trainer state all carry the step number), then keeps saving further steps with
+`CheckpointManager` until the parent SIGKILLs the ranks after a seeded random delay, one rank first and the
+others a moment later (as a launcher tears a job down after one rank dies), so the kills land anywhere in a
+save: inside DeepSpeed's writes, between files, at the gathers, before or after the commit marker, during
+pruning. Each trial must resume exactly the newest committed step. It prints one JSON line with the counts.
 """
 
 from __future__ import annotations
@@ -30,21 +32,50 @@ from pretrain.checkpoint import CheckpointManager
 from pretrain.config import compose_pretrain_config
 
 
-def build_engine(cfg):
-    from pretrain import engine as eng
-
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+def build_engine(cfg, rank: int, world_size: int, port: int):
+    from pretrain import engine as eng
+
     os.environ.update(
-        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    env = eng.init_distributed(timeout_minutes=5)
+    env = eng.init_distributed(timeout_minutes=1)
     layout = batch_layout(
-        512, cfg.data.packing.seq_len, cfg.train.micro_batch_size, 1, "train.global_batch_tokens"
+        512 * world_size,
+        cfg.data.packing.seq_len,
+        cfg.train.micro_batch_size,
+        world_size,
+        "train.global_batch_tokens",
     )
     return eng.TrainingEngine(cfg, env, layout)
+
+
+def real_manager(directory: Path, rank: int, world_size: int, keep: int = 2) -> CheckpointManager:
+    """A CheckpointManager with the trainer's real collectives."""
+    from pretrain import engine as eng
+
+    def all_ranks_ok(ok: bool) -> bool:
+        return eng.all_reduce_sum([0.0 if ok else 1.0], torch.device("cpu"))[0] == 0.0
+
+    return CheckpointManager(
+        directory,
+        keep=keep,
+        rank=rank,
+        barrier=eng.barrier,
+        all_ranks_ok=all_ranks_ok,
+        all_gather=eng.all_gather_object,
+        world_size=world_size,
+    )
 
 
 def master_partitions(engine) -> list[torch.Tensor]:
@@ -52,25 +83,34 @@ def master_partitions(engine) -> list[torch.Tensor]:
     return list(engine.engine.optimizer.fp32_partitioned_groups_flat)
 
 
-def stamp(engine, step: int) -> None:
+def rng_seed(step: int, rank: int) -> int:
+    """Each rank's RNG differs, so a rank that loaded another rank's RNG file is caught."""
+    return step * 1000 + rank
+
+
+def stamp(engine, step: int, rank: int = 0) -> None:
     """Make every saved part say which step it belongs to."""
     for flat in master_partitions(engine):
         flat.data.fill_(float(step))
-    torch.manual_seed(step)
+    torch.manual_seed(rng_seed(step, rank))
 
 
-def loaded_step_is_consistent(engine, state: dict) -> bool:
+def loaded_step_is_consistent(engine, state: dict, rank: int = 0) -> bool:
     step = state["step"]
     weights_ok = all(torch.all(flat == float(step)).item() for flat in master_partitions(engine))
-    expected_rng = torch.Generator().manual_seed(step).get_state()
+    expected_rng = torch.Generator().manual_seed(rng_seed(step, rank)).get_state()
     return weights_ok and torch.equal(torch.get_rng_state(), expected_rng) and state["tokens"] == step * 512
+
+
+def trainer_state(step: int) -> dict:
+    return {"step": step, "tokens": step * 512, "loader": {}, "wandb_run_id": "x"}
 
 
 def save_forever(engine, manager: CheckpointManager, first_step: int) -> None:
     step = first_step
     while True:
-        stamp(engine, step)
-        manager.save(engine, step, {"step": step, "tokens": step * 512, "loader": {}, "wandb_run_id": "x"})
+        stamp(engine, step, manager.rank)
+        manager.save(engine, step, trainer_state(step))
         step += 1
 
 
@@ -84,16 +124,15 @@ def warm_imports() -> None:
             importlib.import_module(name)
 
 
-def trial(cfg, directory: Path, report_fd: int) -> None:
-    """In the child: load and check the newest checkpoint, report, then save until killed."""
-    engine = build_engine(cfg)
-    manager = CheckpointManager(directory, keep=2, rank=0, barrier=lambda: None, all_ranks_ok=lambda ok: ok)
-    stamp(engine, 0)  # whatever is checked below must really have been loaded
+def trial(cfg, directory: Path, report_fd: int, rank: int, world_size: int, port: int) -> None:
+    """In one rank of a trial: load and check the newest checkpoint, report, then save until killed."""
+    engine = build_engine(cfg, rank, world_size, port)
+    manager = real_manager(directory, rank, world_size)
+    stamp(engine, 0, rank)  # whatever is checked below must really have been loaded
     try:
         state = manager.load_latest(engine)
-        verdict = (
-            "none" if state is None else ("ok" if loaded_step_is_consistent(engine, state) else "partial")
-        )
+        consistent = state is not None and loaded_step_is_consistent(engine, state, rank)
+        verdict = "none" if state is None else ("ok" if consistent else "partial")
         step = state["step"] if state else 0
     except Exception as err:
         verdict, step = f"failed: {type(err).__name__}: {err}", 0
@@ -102,18 +141,35 @@ def trial(cfg, directory: Path, report_fd: int) -> None:
     save_forever(engine, manager, step + 1)
 
 
-def run_child(cfg, directory: Path) -> tuple[int, int]:
-    """Fork a trial; returns (pid, read end of its report pipe)."""
+def run_child(cfg, directory: Path, rank: int, world_size: int, port: int) -> tuple[int, int]:
+    """Fork one rank of a trial; returns (pid, read end of its report pipe)."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
         try:
-            trial(cfg, directory, write_fd)
+            trial(cfg, directory, write_fd, rank, world_size, port)
         finally:
             os._exit(1)
     os.close(write_fd)
     return pid, read_fd
+
+
+def newest_committed_step(directory: Path) -> int:
+    """What a resume must load: the newest committed step (0 when none is committed yet)."""
+    committed = CheckpointManager(directory, 1, 0, lambda: None, lambda ok: ok).committed()
+    return int(committed[-1].name.split("_")[1]) if committed else 0
+
+
+def kill_all(pids: list[int], rng: random.Random) -> None:
+    """SIGKILL one rank, then the others a moment later (a few ms, in random order)."""
+    order = rng.sample(pids, len(pids))
+    for index, pid in enumerate(order):
+        if index:
+            time.sleep(rng.uniform(0.0, 0.02))
+        os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        os.waitpid(pid, 0)
 
 
 def read_report(read_fd: int) -> dict:
@@ -126,6 +182,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", required=True)
     parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--ranks", type=int, default=1, help="ranks per trial (a real gloo group)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--max-delay", type=float, default=0.15, help="seconds of saving before the kill, at most"
@@ -140,26 +197,34 @@ def main() -> None:
     rng = random.Random(args.seed)
     counts = {
         "trials": 0,
+        "ranks": args.ranks,
         "partial_loads": 0,
         "failed_loads": 0,
+        "not_newest": 0,
         "uncommitted_left": 0,
         "checkpoints_seen": 0,
     }
     steps = set()
     for index in range(args.trials + 1):
-        pid, read_fd = run_child(cfg, directory)
-        report = read_report(read_fd)  # arrives once the child has loaded, before it saves
-        if index > 0:  # the first child finds nothing to load
+        newest = newest_committed_step(directory)
+        port = free_port()
+        children = [run_child(cfg, directory, rank, args.ranks, port) for rank in range(args.ranks)]
+        reports = [read_report(read_fd) for _, read_fd in children]  # each rank's, after loading
+        if index > 0:  # the first trial finds nothing to load
             counts["trials"] += 1
-            if report["verdict"] == "partial":
+            verdicts = {report["verdict"] for report in reports}
+            loaded = {report["step"] for report in reports}
+            if "partial" in verdicts:
                 counts["partial_loads"] += 1
-            elif report["verdict"] != "ok":
+            elif verdicts != {"ok"} or len(loaded) != 1:
                 counts["failed_loads"] += 1
-                print(report, flush=True)
-            steps.add(report["step"])
+                print(reports, flush=True)
+            elif loaded != {newest}:
+                counts["not_newest"] += 1
+                print({"newest_committed": newest, "reports": reports}, flush=True)
+            steps |= loaded
         time.sleep(rng.uniform(0.0, args.max_delay))
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        kill_all([pid for pid, _ in children], rng)
     committed = {p.name for p in CheckpointManager(directory, 1, 0, lambda: None, lambda ok: ok).committed()}
     counts["uncommitted_left"] = sum(
         1 for p in (directory / "checkpoints").glob("step_*") if p.name not in committed

@@ -84,7 +84,14 @@ def main() -> None:
         return eng.all_reduce_sum([0.0 if ok else 1.0], torch.device("cpu"))[0] == 0.0
 
     manager = CheckpointManager(
-        Path(args.dir), 3, env.rank, eng.barrier, all_ok, world_size=env.world_size, seed=cfg.train.seed
+        Path(args.dir),
+        3,
+        env.rank,
+        eng.barrier,
+        all_ok,
+        all_gather=eng.all_gather_object,
+        world_size=env.world_size,
+        seed=cfg.train.seed,
     )
     vocab = cfg.model.vocab_size
     if args.phase == "save":
