@@ -267,6 +267,12 @@ class MixtureDataset:
         if self.planned_samples is not None:
             self._check_repetition(self.planned_samples)
 
+    def plan_samples(self, planned_samples: int) -> None:
+        """Re-plan for the first `planned_samples` samples (length and repetition check; the order does not
+        depend on it): a stage that continues its parent's data reads up to the parent's position plus its own."""
+        self.planned_samples = planned_samples
+        self._check_repetition(planned_samples)
+
     def samples_per_pool(self, n_samples: int) -> np.ndarray:
         """How many of the first `n_samples` global samples each pool supplies (train)."""
         full, rest = divmod(n_samples, MIXTURE_BLOCK)
