@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,6 +18,25 @@ T = TypeVar("T", bound=Any)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 register_data_configs()
+
+
+def one_line_errors(*errors: type[BaseException]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate a command's body so that an expected error (one the user fixes: a config value, a missing
+    tokenizer, shard or file) prints one line `error: ...` on stderr and exits with status 2, as the trainer
+    does; a traceback would bury the message that says what to do. Any other error keeps its traceback."""
+
+    def decorate(body: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(body)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return body(*args, **kwargs)
+            except errors as err:
+                sys.stderr.write(f"error: {err}\n")
+                raise SystemExit(2) from err
+
+        return guarded
+
+    return decorate
 
 
 def to_config(cfg: DictConfig, cls: type[T]) -> T:

@@ -32,8 +32,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from data.cli import typed_data_config
-from data.config import DataPipelineConfig, PrepareConfig, SourceConfig
+from data.cli import one_line_errors, typed_data_config
+from data.config import ConfigError, DataPipelineConfig, PrepareConfig, SourceConfig
 from data.log import get_logger, progress_enabled
 from data.manifest import read_manifest, source_manifest, why_stale, write_manifest
 from data.prepare_tasks import (
@@ -51,7 +51,7 @@ from data.shard_builder import SourceBuilder, text_digest
 from data.shards import SPLITS, ShardError
 from data.sources import iter_documents
 from data.tokenize_pool import Encoder
-from data.tokenizer import TokenizerInfo, ensure_tokenizer, load_tokenizer
+from data.tokenizer import TokenizerError, TokenizerInfo, ensure_tokenizer, load_tokenizer
 
 log = get_logger("data.prepare")  # not __name__: it is "__main__" under `python -m`
 
@@ -332,7 +332,12 @@ def ensure_data(cfg: DataPipelineConfig) -> None:
     ensure_shards(cfg)
 
 
+# What a user fixes by changing the command, the config or the files: one line, no traceback.
+USER_ERRORS = (ConfigError, TokenizerError, ShardError, FileNotFoundError)
+
+
 @hydra.main(config_path="../conf", config_name="data_pipeline", version_base="1.3")
+@one_line_errors(*USER_ERRORS)
 def main(cfg: DictConfig) -> None:
     """Tokenize and shard every source (completed shards of an earlier run are reused)."""
     config = typed_data_config(cfg)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from data.config import SourceConfig
+from data.file_format import check_file_format
 from data.log import get_logger
 from data.rejects import RejectLog
 
@@ -187,6 +188,7 @@ def _file_records(
     source: SourceConfig, paths: list[Path], max_doc_chars: int, streaming: bool, checker: _Checker
 ) -> Iterator[Record]:
     for path in paths:
+        check_file_format(source, path, _open_binary)  # a whole file of another format is a config mistake
         try:
             if source.kind == "jsonl":
                 yield from _jsonl_records(path, source.text_field, max_doc_chars)

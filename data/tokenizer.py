@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from data.atomic_io import atomic_write_bytes, atomic_write_json, replace_dir
-from data.cli import typed_data_config
+from data.cli import one_line_errors, typed_data_config
 from data.config import ConfigError, DataPipelineConfig, TokenizerConfig
 from data.log import get_logger, progress_enabled
 from data.rejects import RejectLog
@@ -405,6 +405,7 @@ def ensure_tokenizer(cfg: DataPipelineConfig) -> TokenizerInfo:
 
 
 @hydra.main(config_path="../conf", config_name="data_pipeline", version_base="1.3")
+@one_line_errors(ConfigError, TokenizerError, FileNotFoundError)
 def main(cfg: DictConfig) -> None:
     """Train the configured tokenizer (always; `ensure_tokenizer` is the reuse-if-present path)."""
     info = train_tokenizer(typed_data_config(cfg))

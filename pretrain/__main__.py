@@ -7,7 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from data.prepare import ensure_data
+from data.prepare import USER_ERRORS, ensure_data
 from pretrain.app import run_rank
 from pretrain.config import ConfigError, typed_pretrain_config
 from pretrain.launch import accept_launcher_arguments, default_local_processes, spawn_local, under_launcher
@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> None:
         ranks = default_local_processes(config.train.local_processes)
         ensure_fits(config, ranks, ranks)
         ensure_data(config.data_pipeline())
-    except ConfigError as err:  # a value the user can change: one line, not a traceback
+    except (ConfigError, *USER_ERRORS) as err:  # what the user can change: one line, not a traceback
         sys.stderr.write(f"error: {err}\n")
         sys.exit(2)
     code = spawn_local(ranks, sys.argv[1:])

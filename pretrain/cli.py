@@ -20,7 +20,8 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from data.cli import CONF_DIR, compose_conf, to_config
+from data.cli import CONF_DIR, compose_conf, one_line_errors, to_config
+from data.shards import ShardError
 from data.tokenizer import TokenizerError
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError
@@ -28,7 +29,7 @@ from pretrain.config import ConfigError
 T = TypeVar("T")
 
 # What a user can fix by changing the command line or the run directory.
-USER_ERRORS = (CheckpointError, ConfigError, TokenizerError, FileNotFoundError)
+USER_ERRORS = (CheckpointError, ConfigError, TokenizerError, ShardError, FileNotFoundError)
 
 
 def run_argument(argv: list[str]) -> list[str]:
@@ -49,12 +50,7 @@ def hydra_command(
     """
     ConfigStore.instance().store(name=f"_{config_name}_schema", node=schema)
 
-    def guarded(config: T) -> Any:
-        try:
-            return body(config)
-        except USER_ERRORS as err:
-            sys.stderr.write(f"error: {err}\n")
-            raise SystemExit(2) from err
+    guarded = one_line_errors(*USER_ERRORS)(body)
 
     @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")
     def from_command_line(cfg: DictConfig) -> None:

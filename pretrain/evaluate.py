@@ -6,11 +6,16 @@ and loaded into our own `Transformer`, on CUDA when available (bf16 autocast, as
 By default it scores the same sequences the trainer's `val/<source>/loss` covers: the first
 `train.eval_batches` global batches of each source's own validation split (of the world size that wrote the
 checkpoint), and "overall" is their token-weighted mean, like the trainer's `val/loss`. `batches=N` and
-`sequences=N` (per source; 0 = the whole split) change that.
+`sequences=N` (per source; 0 = the whole split) change that. `texts=[files or globs]` scores those files
+instead, each one held-out document encoded and cut into windows as training data was, every token but its
+first scored once.
 
 `long_context=true` measures instead whether the model uses its context (`pretrain.long_report`): loss by
 position over held-out documents, a copy probe and a passkey grid, written as `long_context.json` and PNGs to
 `<run>/eval/<checkpoint>/` (or `eval_dir`), with a summary on stderr.
+
+A key the chosen report would not read (`length` without `long_context`, `batches` with it) is refused, not
+ignored.
 """
 
 from __future__ import annotations
@@ -33,12 +38,12 @@ from data.atomic_io import atomic_write_json, atomic_write_text
 from data.loader import IGNORE_INDEX, collate
 from data.log import get_logger
 from data.mixture import MixtureDataset
-from data.packing import ArrayDocumentStore
+from data.packing import ArrayDocumentStore, DocumentStore, materialize, pack_concat
 from data.tokenize_pool import encode_documents
 from data.tokenizer import load_tokenizer
 from pretrain.checkpoint import Checkpoint, find_checkpoint, load_trained
 from pretrain.cli import hydra_command
-from pretrain.config import PretrainConfig, require
+from pretrain.config import ConfigError, PretrainConfig, require
 from pretrain.long_eval import held_out_documents
 from pretrain.long_report import LongContextSettings, format_summary, long_context_report, write_plots
 from pretrain.model import Transformer
@@ -48,7 +53,11 @@ log = get_logger(__name__)
 
 @torch.no_grad()
 def score(
-    model: Transformer, dataset: MixtureDataset, sequences: int, micro_batch_size: int, device: torch.device
+    model: Transformer,
+    dataset: MixtureDataset | PackedDocuments,
+    sequences: int,
+    micro_batch_size: int,
+    device: torch.device,
 ) -> dict[str, Any]:
     """Token-weighted mean next-token loss over the first `sequences` samples of `dataset`."""
     sequences = min(sequences, len(dataset))
@@ -113,7 +122,49 @@ def evaluate(
     return report
 
 
-def report_header(checkpoint: Checkpoint, split: str, dev: torch.device) -> dict[str, Any]:
+class PackedDocuments:
+    """Documents cut as the trainer cuts a long one (`pack_concat`): windows of `capacity` tokens that overlap by
+    one, so every token but a document's first is a target exactly once, read from the window's position 0."""
+
+    def __init__(self, store: DocumentStore, capacity: int, pad_id: int) -> None:
+        self.store, self.pad_id = store, pad_id
+        self.index = pack_concat(store.doc_lengths(), capacity, seed=0)
+
+    def __len__(self) -> int:
+        return self.index.n_sequences
+
+    def __getitem__(self, seq: int) -> dict[str, np.ndarray]:
+        return materialize(self.store, self.index, seq, self.pad_id)
+
+
+def evaluate_texts(
+    path: str | Path,
+    texts: list[str],
+    *,
+    micro_batch_size: int | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Loss and perplexity of the files `texts` names (paths or globs), each file reported as its own source.
+
+    A file is one document encoded as the run's were ([BOS] + ids + [EOS]) and cut into the run's
+    `data.packing.seq_len`-token windows, so the number is the held-out counterpart of the trainer's loss.
+    """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, cfg, checkpoint = load_trained(path, dev)
+    tokenizer, info = load_tokenizer(cfg.tokenizer.dir)
+    micro = micro_batch_size or cfg.train.micro_batch_size
+    files = text_files(texts)
+    log.info("scoring %s on %d text file(s) (%s)", checkpoint.path, len(files), dev)
+    report = {**report_header(checkpoint, None, dev), "texts": list(texts), "sources": {}}
+    for file in files:
+        store = text_documents([file], tokenizer, info, cfg.data.add_bos)
+        windows = PackedDocuments(store, cfg.data.packing.seq_len + 1, info.pad_id)
+        report["sources"][file] = score(model, windows, len(windows), micro, dev)
+    report["overall"] = combine(report["sources"].values())
+    return report
+
+
+def report_header(checkpoint: Checkpoint, split: str | None, dev: torch.device) -> dict[str, Any]:
     """What every report starts with: which checkpoint was scored, on what, and how."""
     return {
         "run_dir": str(checkpoint.run_dir),
@@ -189,12 +240,18 @@ def combine(results: Any) -> dict[str, Any]:
     }
 
 
+def what_was_scored(report: dict[str, Any]) -> str:
+    if report["split"] is None:
+        return f"{len(report['sources'])} text file(s)"
+    return f"{report['split']} split"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The report as a small aligned text table."""
     rows = [("overall", report["overall"]), *report["sources"].items()]
     width = max(len(name) for name, _ in rows)
     lines = [
-        f"{report['split']} split, step {report['step']}, {report['checkpoint']}",
+        f"{what_was_scored(report)}, step {report['step']}, {report['checkpoint']}",
         f"{'set':<{width}}  {'sequences':>9}  {'tokens':>9}  {'loss':>8}  {'perplexity':>11}",
     ]
     for name, result in rows:
@@ -234,7 +291,8 @@ class EvaluateConfig(LongContextSettings):
     compare: list[str] = field(default_factory=list)
     # Run the model past the window it was built with (e.g. 1024 for a model trained at 256).
     max_seq_len: int | None = None
-    # Held-out text files or globs, one document each, for the loss by position instead of the split's.
+    # Held-out text files or globs, one document each, scored instead of the split (per file, or with
+    # long_context=true for the loss by position).
     texts: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -250,13 +308,60 @@ class EvaluateConfig(LongContextSettings):
             require(value is None or value >= 0, key, f"must be >= 0, got {value}")
 
 
-def text_documents(patterns: list[str], tokenizer: Any, info: Any, add_bos: bool) -> ArrayDocumentStore:
-    """Files (paths or globs, in sorted order) as documents encoded like the run's: [BOS] + ids + [EOS]."""
+# Keys only one of the two reports reads (`check_options` refuses them with the other).
+PER_SOURCE_ONLY = ("batches", "sequences", "out")
+LONG_CONTEXT_ONLY = (
+    *(f.name for f in dataclasses.fields(LongContextSettings)),
+    "eval_dir",
+    "compare",
+    "max_seq_len",
+)
+
+
+def _default(config: EvaluateConfig, key: str) -> Any:
+    spec = next(f for f in dataclasses.fields(config) if f.name == key)
+    return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+
+
+def check_options(config: EvaluateConfig, long_context: bool) -> None:
+    """Refuse a key the chosen report would not read, so that no option is silently ignored; `long_context`
+    is the report chosen (given, or the run's own `train.eval_long_context`)."""
+    if long_context:
+        for key in PER_SOURCE_ONLY:
+            require(
+                getattr(config, key) is None,
+                key,
+                "is read by the per-source report only; the long-context report (long_context=true, or a run "
+                "trained with train.eval_long_context) ignores it: drop it, or add long_context=false",
+            )
+    else:
+        for key in LONG_CONTEXT_ONLY:
+            require(
+                getattr(config, key) == _default(config, key),
+                key,
+                "is read only by the long-context report: add long_context=true, or drop it",
+            )
+    if config.texts:
+        require(config.split == "val", "split", "names the run's split, which texts=[...] replaces: drop one")
+        for key in ("batches", "sequences"):
+            require(
+                getattr(config, key) is None, key, "does not apply to texts=[...], which are scored whole"
+            )
+
+
+def text_files(patterns: list[str]) -> list[str]:
+    """The files that paths or globs name, sorted; none at all is an error that names the key."""
     files = sorted(
         {p for pattern in patterns for p in glob.glob(pattern, recursive=True) if Path(p).is_file()}
     )
     if not files:
-        raise FileNotFoundError(f"texts: no file matches {patterns}")
+        raise ConfigError(f"texts: no file matches {patterns}")
+    return files
+
+
+def text_documents(patterns: list[str], tokenizer: Any, info: Any, add_bos: bool) -> ArrayDocumentStore:
+    """Files (paths or globs, in sorted order) as documents encoded like the run's: [BOS] + ids + [EOS]."""
+    files = text_files(patterns)
     texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
     bos = info.bos_id if add_bos else None
     tokens, lengths = encode_documents(tokenizer, texts, info.eos_id, np.dtype(np.int64), bos)
@@ -300,16 +405,23 @@ def wants_long_context(config: EvaluateConfig, run_config: PretrainConfig) -> bo
 def _run(config: EvaluateConfig) -> dict[str, Any]:
     checkpoint = find_checkpoint(config.run)  # chosen (and any broken newer one named) once
     config = dataclasses.replace(config, run=str(checkpoint.path))
-    if wants_long_context(config, checkpoint.config()):
+    long_context = wants_long_context(config, checkpoint.config())
+    check_options(config, long_context)
+    if long_context:
         return _run_long_context(config)
-    report = evaluate(
-        config.run,
-        split=config.split,
-        batches=config.batches,
-        sequences=config.sequences,
-        micro_batch_size=config.micro_batch,
-        device=config.device,
-    )
+    if config.texts:
+        report = evaluate_texts(
+            config.run, config.texts, micro_batch_size=config.micro_batch, device=config.device
+        )
+    else:
+        report = evaluate(
+            config.run,
+            split=config.split,
+            batches=config.batches,
+            sequences=config.sequences,
+            micro_batch_size=config.micro_batch,
+            device=config.device,
+        )
     sys.stderr.write(format_table(report) + "\n")
     text = json.dumps(report, indent=2) + "\n"
     if config.out:

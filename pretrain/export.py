@@ -89,7 +89,9 @@ def llama_config(cfg: ModelConfig, bos_id: int, eos_id: int, pad_id: int, dtype:
     (positions divided by the factor), or the "yarn" type with its factor, the pretraining window as
     `original_max_position_embeddings` and both betas; the attention factor only when set, as transformers
     derives the same default (0.1 ln(factor) + 1). YaRN's correction range is rounded outwards, transformers'
-    default too, so `truncate` is left out for readers that predate it. transformers then rotates as we do.
+    default too, so `truncate` is left out for readers that predate it. The factor is always
+    `max_position_embeddings / original_max_position_embeddings` (`ModelConfig` refuses any other), the value
+    transformers 4.51-4.55 derive in its place, so every transformers from 4.51 on rotates as we do.
     """
     scaling = None
     if cfg.rope_scaling != 1.0 and cfg.rope_type == "linear":

@@ -379,14 +379,42 @@ def test_cli_needs_a_tokenizer_then_prepares(tmp_path, corpus, tokenizer_dir):
     missing = subprocess.run(
         [*args, f"tokenizer.dir={tmp_path / 'none'}"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
-    assert missing.returncode != 0
-    assert "none" in missing.stderr and "python -m data.tokenizer" in missing.stderr
+    # An expected error is one line on stderr and status 2, as the trainer gives, not a traceback.
+    assert missing.returncode == 2, missing.stderr
+    assert "Traceback" not in missing.stderr
+    assert missing.stderr.startswith(f"error: no trained tokenizer at {tmp_path / 'none'}")
+    assert missing.stderr.count("\n") == 1 and "python -m data.tokenizer" in missing.stderr
     done = subprocess.run(
         [*args, f"tokenizer.dir={tokenizer_dir}"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
     assert "source web: 250 docs" in done.stderr
     assert list((tmp_path / "artifacts" / "shards" / "local_jsonl").rglob("manifest.json"))
+
+
+@pytest.mark.parametrize("command", ["data.prepare", "data.tokenizer"])
+def test_cli_names_the_kind_to_set_for_a_parquet_file_in_a_jsonl_source(tmp_path, tokenizer_dir, command):
+    """A real Parquet file given to the `local_jsonl` preset: one line naming the key, no per-line rejects."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rng = random.Random(2)
+    parquet = tmp_path / "corpus" / "web.parquet"
+    parquet.parent.mkdir()
+    pq.write_table(pa.table({"text": [random_text(rng) for _ in range(300)]}), parquet)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", command, "data=local_jsonl", f"data.sources.web.paths=[{parquet}]"]
+    args += [f"tokenizer.dir={tokenizer_dir if command == 'data.prepare' else tmp_path / 'tok'}"]
+    result = subprocess.run(
+        [*args, "tokenizer.vocab_size=300"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "broken" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[-1].startswith(f"error: data.sources.web.kind: {parquet} is a Parquet file"), lines
+    assert "set data.sources.web.kind=parquet" in lines[-1]
+    assert all(
+        not p.read_text() for p in (tmp_path / "artifacts").rglob("rejects.jsonl")
+    )  # no per-line rejects
 
 
 # ----------------------------------------------------------------------------------------------- job array

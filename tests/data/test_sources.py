@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data.config import SourceConfig
+from data.config import ConfigError, SourceConfig
 from data.rejects import REJECT_REASONS, RejectLog
 from data.sources import (
     Document,
@@ -238,6 +239,84 @@ def test_parquet_rows_fields_and_broken_files(tmp_path: Path) -> None:
         ("c.parquet", "missing_field"),
         ("d.parquet", "unreadable_file"),
     ]
+
+
+def write_parquet(path: Path, texts: list[str]) -> Path:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": texts}), path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "text"])
+@pytest.mark.parametrize("name", ["web.parquet", "web.jsonl", "web.bin"])
+def test_a_parquet_file_in_a_jsonl_or_text_source_is_a_config_error_naming_the_kind(tmp_path, kind, name):
+    """Found by its PAR1 magic whatever its name, before any line is read as JSON or text."""
+    path = write_parquet(tmp_path / name, [f"document {i}" for i in range(2000)])
+    log = RejectLog(tmp_path / ".out" / "rejects.jsonl")
+    with pytest.raises(ConfigError, match=r"^data\.sources\.web\.kind: .* is a Parquet file") as raised:
+        list(iter_documents(src(kind, path, name="web"), max_doc_chars=1000, rejects=log))
+    assert "set data.sources.web.kind=parquet" in str(raised.value) and str(path) in str(raised.value)
+    assert log.total == 0
+
+
+def test_a_parquet_file_among_jsonl_files_fails_only_when_reached_and_names_that_file(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "kept"}\n')
+    bad = write_parquet(tmp_path / "b.parquet", ["x"])
+    source = src("jsonl", tmp_path / "a.jsonl", bad)
+    documents = iter_documents(source, max_doc_chars=100)
+    assert next(documents).text == "kept"
+    with pytest.raises(ConfigError, match=re.escape(f"data.sources.s.kind: {bad} is a Parquet file")):
+        next(documents)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "found"),
+    [
+        ("web.jsonl", b'{"text": "json lines"}\n', "jsonl"),
+        ("web.jsonl.gz", gzip.compress(b'\xef\xbb\xbf {"text": "compressed json lines"}\n'), "jsonl"),
+        ("notes.txt", "plain text, caf\u00e9\n".encode(), "text"),
+    ],
+)
+def test_json_lines_or_text_in_a_parquet_source_names_the_kind_to_set(tmp_path, name, content, found):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ConfigError, match=re.escape(f"set data.sources.s.kind={found},")):
+        read(src("parquet", tmp_path / name))
+
+
+def test_compressed_bytes_without_their_suffix_name_the_suffix(tmp_path):
+    (tmp_path / "web.jsonl").write_bytes(gzip.compress(b'{"text": "x"}\n'))
+    with pytest.raises(ConfigError, match=r"^data\.sources\.s\.paths: .* rename it to web\.jsonl\.gz$"):
+        read(src("jsonl", tmp_path / "web.jsonl"))
+
+
+def test_a_broken_parquet_file_and_binary_text_stay_rejects(tmp_path):
+    """Not another format, only bad content: a file named .parquet without the magic, undecodable bytes."""
+    (tmp_path / "d.parquet").write_bytes(b"\x00\x01 not parquet")
+    _, entries, _ = read(src("parquet", tmp_path / "d.parquet"))
+    assert where(entries) == [("d.parquet", "unreadable_file")]
+    (tmp_path / "e.bin").write_bytes(b"\xff\xfe\x00\x01 binary")
+    _, entries, _ = read(src("parquet", tmp_path / "e.bin"))
+    assert where(entries) == [("e.bin", "unreadable_file")]
+
+
+@pytest.mark.parametrize(
+    "first_line",
+    [b"PAR1 starts and ends this line PAR1", b"BZh", b"BZh91AY&SY", b"\xfd7zXZ\x00", b"\x1f\x8b\x08"],
+)
+def test_a_line_that_merely_starts_like_another_format_stays_a_reject(tmp_path, first_line):
+    """Magic bytes alone decide nothing: Parquet also needs its footer, a compressed stream must decode."""
+    kept = b'{"text": "kept"}\n'
+    files = {
+        "p.jsonl": kept + first_line,
+        "q.jsonl": first_line + b"\n" + kept,
+        "r.jsonl": first_line + b"\n" + kept,
+    }
+    files["r.jsonl"] += first_line  # the same bytes at both ends, as Parquet's magic is
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        docs, entries, _ = read(src("jsonl", tmp_path / name))
+        assert [d.text for d in docs] == ["kept"] and len(entries) == content.count(first_line)
 
 
 # ----------------------------------------------------------------------------------------------- paths

@@ -7,6 +7,9 @@ config paths the debug run does not use (tied embeddings, rope scaling, base sca
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from pretrain.checkpoint import find_checkpoint, load_trained
 from pretrain.config import ModelConfig, compose_pretrain_config
 from pretrain.export import ExportError, main, write_hf_model
 from pretrain.model import Transformer
+from tests.helpers import ROOT
 
 transformers = pytest.importorskip("transformers")
 
@@ -196,3 +200,21 @@ def test_a_failed_export_leaves_the_previous_one_intact(tokenizer_dir, tmp_path,
         write_hf_model(out, Transformer(cfg).state_dict(), cfg, tokenizer_dir)
     assert (out / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
+@pytest.mark.parametrize("command", ["pretrain.export", "pretrain.evaluate", "pretrain.generate"])
+def test_a_missing_run_is_one_line_on_stderr_and_status_2(command, tmp_path):
+    """Run as a user runs it: an expected error is the message alone, never a traceback."""
+    missing = tmp_path / "runs" / "nope"
+    result = subprocess.run(
+        [sys.executable, "-m", command, str(missing)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"error: {missing} is not a directory; pass a run directory (runs/<name>) or one of its checkpoints"
+    )

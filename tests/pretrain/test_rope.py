@@ -94,7 +94,10 @@ def test_yarn_with_factor_one_is_the_default_model_bit_for_bit():
     )
     with torch.no_grad():
         default = build(TINY)(input_ids)
-        off = build(replace(TINY, **{**YARN, "rope_scaling": 1.0}))(input_ids)
+        off_cfg = replace(
+            TINY, **{**YARN, "rope_scaling": 1.0, "rope_original_max_seq_len": TINY.max_seq_len}
+        )
+        off = build(off_cfg)(input_ids)
     assert torch.equal(default, off)
 
 
@@ -211,6 +214,9 @@ def test_exported_long_context_methods_match_transformers_past_the_window(method
     config = json.loads((out / "config.json").read_text())
     assert config["rope_theta"] == theta and config["rope_scaling"] == hf_scaling
     assert config["max_position_embeddings"] == cfg.max_seq_len
+    if hf_scaling is not None and hf_scaling["rope_type"] == "yarn":
+        # transformers 4.51-4.55 take YaRN's factor from this ratio, later versions from `factor`: both agree.
+        assert hf_scaling["factor"] == cfg.max_seq_len / hf_scaling["original_max_position_embeddings"]
 
     input_ids = torch.randint(
         0, cfg.vocab_size, (2, cfg.max_seq_len), generator=torch.Generator().manual_seed(1)
@@ -256,6 +262,10 @@ def test_cached_decoding_past_the_window_matches_the_full_forward_with_yarn():
         (dict(YARN, yarn_beta_fast=1.0), "model.yarn_beta_fast"),
         (dict(YARN, yarn_beta_slow=0.0), "model.yarn_beta_slow"),
         (dict(YARN, yarn_attention_factor=0.0), "model.yarn_attention_factor"),
+        # YaRN's factor must be the extension ratio max_seq_len / rope_original_max_seq_len (here 4)
+        (dict(YARN, rope_scaling=8.0), "model.rope_scaling"),
+        (dict(YARN, max_seq_len=2 * WINDOW), "model.rope_scaling"),
+        (dict(YARN, rope_scaling=1.0), "model.rope_scaling"),
         # YaRN's keys are refused with linear scaling instead of being ignored
         (dict(rope_scaling=4.0, rope_original_max_seq_len=WINDOW), "model.rope_original_max_seq_len"),
         (dict(yarn_beta_fast=16.0), "model.yarn_beta_fast"),
@@ -269,9 +279,12 @@ def test_rope_config_errors_name_the_key(overrides, key):
 
 def test_yarn_composes_from_the_command_line():
     base = ["+experiment=debug", "model.rope_type=yarn", "model.rope_scaling=4"]
-    cfg = compose_pretrain_config([*base, "model.rope_original_max_seq_len=64", "model.yarn_beta_fast=16"])
-    model = cfg.model
-    assert (model.rope_scaling, model.rope_original_max_seq_len, model.yarn_beta_fast) == (4.0, 64, 16.0)
-    assert Yarn.of(model) == Yarn(64, 16.0, 1.0, None)
+    cfg = compose_pretrain_config([*base, "model.rope_original_max_seq_len=16", "model.yarn_beta_fast=16"])
+    model = cfg.model  # the debug model's window is 64: 4 times the original 16
+    assert (model.rope_scaling, model.rope_original_max_seq_len, model.yarn_beta_fast) == (4.0, 16, 16.0)
+    assert Yarn.of(model) == Yarn(16, 16.0, 1.0, None)
     with pytest.raises(ConfigError, match=r"model\.rope_original_max_seq_len"):
         compose_pretrain_config(base)
+    # A factor other than max_seq_len / rope_original_max_seq_len is refused with the value to set: 64 / 32.
+    with pytest.raises(ConfigError, match=r"^model\.rope_scaling: .*set model\.rope_scaling=2\.0 "):
+        compose_pretrain_config([*base, "model.rope_original_max_seq_len=32"])
