@@ -63,21 +63,21 @@ def spawn_local(n: int, argv: list[str]) -> int:
         base.setdefault("DS_ACCELERATOR", "cpu")
         base.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // n)))
     log.info("starting %d local ranks (master port %d)", n, port)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "pretrain", *argv],
-            env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n)),
-        )
-        for rank in range(n)
-    ]
+    procs: list[subprocess.Popen] = []
 
     def forward(signum, _frame):  # Ctrl-C or a scheduler's signal reaches every rank
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
 
+    # Installed before the ranks start: a caught signal is reset to the default in a started program, an ignored
+    # one stays ignored. A launcher started in the background by a script (`cmd &`) inherits SIGINT ignored; its
+    # ranks would inherit that too and train on through the SIGINT forwarded to them.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, forward)
+    for rank in range(n):
+        env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n))
+        procs.append(subprocess.Popen([sys.executable, "-m", "pretrain", *argv], env=env))
     code = 0
     kill_at = None  # after a failure: when the survivors get SIGKILL if SIGTERM did not stop them
     try:

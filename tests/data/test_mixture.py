@@ -115,8 +115,11 @@ def test_token_shares_follow_weights(corpus: Path) -> None:
     assert len(dataset) == 10_000
     totals = real_tokens_by_source(dataset, 10_000)
     everything = sum(totals.values())
+    # Weights are token shares, and they sum to 1 here, so each source's share of real tokens is its weight.
+    # Observed error 0.00021 (partial epochs); without the padding correction (every pool's fill taken as 1) the
+    # shares move by up to 0.0033, since the pools' fills differ (0.966, 0.973, 0.987).
     for name, weight in weights.items():
-        assert abs(totals[name] / everything - weight) < 0.02, (name, totals[name] / everything)
+        assert abs(totals[name] / everything - weight) < 5e-4, (name, totals[name] / everything)
 
 
 def test_long_pool_share_and_contiguity(corpus: Path) -> None:

@@ -1,14 +1,18 @@
 """Every shipped config composes and validates, and every experiment builds its model on the meta device."""
 
+import platform
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from data.cli import CONF_DIR
 from data.config import ConfigError
+from pretrain import hardware
 from pretrain.batching import batch_layout
 from pretrain.config import compose_pretrain_config
 from pretrain.engine import deepspeed_config
@@ -38,8 +42,50 @@ def test_experiment_composes_and_builds_on_meta(experiment):
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_group_option_composes(group, option):
+    """Every value the option's file sets (after its own defaults) is the composed config's, except the ones the
+    primary config sets after it; the files are read with PyYAML, not through Hydra."""
     cfg = compose_pretrain_config([f"{group}={option}"])
-    assert cfg is not None
+    primary = yaml.safe_load((CONF / "config.yaml").read_text())
+    expected = _yaml_leaves(_option_values(group, option))
+    overridden = _yaml_leaves(primary.get(group, {}))
+    checked = 0
+    for path, value in expected.items():
+        if path in overridden or (isinstance(value, str) and "${" in value):
+            continue
+        got = getattr(cfg, group)
+        for key in path:
+            got = got[key] if isinstance(got, Mapping) else getattr(got, key)
+        assert (list(got) if isinstance(got, tuple) else got) == value, (group, option, ".".join(path))
+        checked += 1
+    assert checked >= 3, (group, option, checked)
+
+
+def _option_values(group: str, option: str) -> dict:
+    """An option file's values with the options it lists in `defaults` merged under them."""
+    raw = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
+    merged: dict = {}
+    for parent in raw.pop("defaults", []):
+        if parent != "_self_":
+            merged = _merge(merged, _option_values(group, parent))
+    return _merge(merged, raw)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both else value
+    return out
+
+
+def _yaml_leaves(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    leaves: dict[tuple[str, ...], object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            leaves.update(_yaml_leaves(value, (*prefix, key)))
+        else:
+            leaves[(*prefix, key)] = value
+    return leaves
 
 
 def test_7b_is_llama2_7b():
@@ -153,12 +199,77 @@ def test_gradients_accumulate_and_reduce_in_fp32_unless_asked():
     assert deepspeed_config(low, layout, "fp32")["data_types"]["grad_accum_dtype"] == "fp32"
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as the kernel reports them (x86 `flags`, Arm `Features`)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {
+        flag
+        for line in text.splitlines()
+        if line.split(":")[0].strip() in ("flags", "Features")
+        for flag in line.split(":", 1)[1].split()
+    }
+
+
 def test_precision_auto_is_bf16_exactly_where_the_hardware_has_it():
+    """The oracle is the kernel's CPU flags (or torch's CUDA query), not the code's own reading of torch."""
+    if torch.cuda.is_available():
+        expected = torch.cuda.is_bf16_supported()
+    elif platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+        expected = bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+    else:
+        expected = False
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    if (
+        x86
+        and not torch.cuda.is_available()
+        and torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT")
+    ):
+        assert not expected, "an AVX2-only x86 CPU has no bf16 flag"  # the two outside oracles agree
     fast, why = native_bf16()
-    assert resolve_precision("auto") == ("bf16" if fast else "fp32", f"deepspeed.precision=auto: {why}")
+    assert fast is expected, (why, sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "amx_tile", "bf16"}))
+    assert resolve_precision("auto") == ("bf16" if expected else "fp32", f"deepspeed.precision=auto: {why}")
     assert resolve_precision("fp32")[0] == "fp32" and resolve_precision("bf16")[0] == "bf16"
-    if not torch.cuda.is_available() and torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT"):
-        assert not fast  # an AVX2-only x86 CPU emulates bf16 matmuls
+
+
+class _CpuInfo:
+    """/proc/cpuinfo with the given text, for the Arm branch."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __call__(self, _path: str) -> "_CpuInfo":
+        return self
+
+    def read_text(self) -> str:
+        return self.text
+
+
+@pytest.mark.parametrize(
+    ("machine", "amx", "avx512_bf16", "arm_features", "expected"),
+    [("x86_64", False, False, "", "fp32"), ("x86_64", False, True, "", "bf16"), ("x86_64", True, False, "", "bf16"),
+     ("aarch64", False, False, "fp asimd sve", "fp32"), ("aarch64", False, False, "fp asimd sve bf16 i8mm", "bf16"),
+     ("riscv64", True, True, "bf16", "fp32")],
+)  # fmt: skip
+def test_precision_auto_on_given_cpus(monkeypatch, machine, amx, avx512_bf16, arm_features, expected):
+    """Both answers on any machine: the hardware queries are replaced by the capabilities of the case."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(hardware, "Path", _CpuInfo(f"processor\t: 0\nFeatures\t: {arm_features}\n"))
+    assert resolve_precision("auto")[0] == expected
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_precision_auto_on_a_cuda_device(monkeypatch, supported):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "test device")
+    precision, why = resolve_precision("auto")
+    assert precision == ("bf16" if supported else "fp32") and "test device" in why
 
 
 def test_a_run_that_cannot_fit_stops_before_it_starts(tmp_path):

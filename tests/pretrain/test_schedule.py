@@ -5,7 +5,9 @@ import math
 
 import pytest
 
+from pretrain.config import compose_pretrain_config
 from pretrain.schedule import BatchSchedule, LRSchedule, plan_steps
+from tests.helpers import read_metrics
 
 
 def test_lr_warmup_then_cosine_to_ten_percent():
@@ -37,21 +39,58 @@ def test_batch_start_must_divide_final():
         BatchSchedule(final=4096, start=1000, ramp_tokens=10)
 
 
+def reference_lr(tokens: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
+    """The recipe written out: linear warmup to `peak`, then cosine decay to `min_ratio * peak` at `total`."""
+    if tokens < warmup:
+        return peak * tokens / warmup
+    progress = min(1.0, (tokens - warmup) / (total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def test_growth_does_not_shift_the_lr_curve():
-    """The LR at a token count is the same whether the batch grew on the way there or not."""
-    lr = LRSchedule(peak=3e-4, warmup_tokens=2048, total_tokens=65536)
-    grown = plan_steps(BatchSchedule(final=4096, start=1024, ramp_tokens=16384), 65536)
-    fixed = plan_steps(BatchSchedule(final=4096), 65536)
-    assert sum(fixed) == 65536 and sum(grown) >= 65536
-    assert len(grown) > len(fixed)
-    grown_points, tokens = {}, 0
-    for size in grown:
-        tokens += size
-        grown_points[tokens] = lr(tokens)
-    tokens, shared = 0, 0
-    for size in fixed:
-        tokens += size
-        if tokens in grown_points:
-            assert grown_points[tokens] == lr(tokens)
-            shared += 1
-    assert shared >= 2
+    """Every step of a run whose batch grows gets the LR of the formula at the tokens consumed by the end of the
+    step (as the trainer applies it), and so the LR of a fixed-batch run wherever both have consumed the same
+    tokens."""
+    peak, warmup, total = 3e-4, 2048, 65536
+    lr = LRSchedule(peak=peak, warmup_tokens=warmup, total_tokens=total)
+    grown = plan_steps(BatchSchedule(final=4096, start=1024, ramp_tokens=16384), total)
+    fixed = plan_steps(BatchSchedule(final=4096), total)
+    # 1024 -> 4096 over 16384 tokens: each multiple holds for 16384 / 3 tokens, so 6 steps of 1024 (to 6144),
+    # 3 of 2048 (to 12288), 2 of 3072 (to 18432), then 4096 until 65536 is reached (12 steps, to 67584).
+    assert grown == [1024] * 6 + [2048] * 3 + [3072] * 2 + [4096] * 12
+    assert fixed == [4096] * 16
+    consumed = list(itertools.accumulate(grown))
+    for tokens in consumed:
+        assert lr(tokens) == pytest.approx(reference_lr(tokens, peak, warmup, total, 0.1), rel=1e-12), tokens
+    fixed_lr = {tokens: lr(tokens) for tokens in itertools.accumulate(fixed)}
+    shared = [tokens for tokens in consumed if tokens in fixed_lr]
+    assert shared == [4096, 8192, 12288]  # after the growth the grown run is 2048 tokens off the 4096 grid
+    for tokens in shared:
+        assert lr(tokens) == fixed_lr[tokens]
+
+
+@pytest.mark.slow
+def test_the_trainer_applies_the_formula_at_the_tokens_consumed(debug_run):
+    """The LR each step of the real debug run logged (2 ranks, the batch grows from 512 to 1024 tokens after
+    12800) is the formula at the tokens consumed by the end of that step, counted by hand from the batch sizes."""
+    cfg = compose_pretrain_config(["+experiment=debug"])
+    peak, warmup, total, min_ratio = 3e-3, 4096, 28160, 0.1
+    assert (cfg.optim.lr, cfg.optim.warmup_tokens, cfg.train.total_tokens, cfg.optim.min_lr_ratio) == (
+        peak,
+        warmup,
+        total,
+        min_ratio,
+    )
+    assert (cfg.train.start_batch_tokens, cfg.train.global_batch_tokens, cfg.train.batch_ramp_tokens) == (
+        512,
+        1024,
+        12800,
+    )
+    # 25 steps of 512 tokens reach 12800; then 15 steps of 1024 reach 28160.
+    consumed = {step: 512 * step if step <= 25 else 12800 + 1024 * (step - 25) for step in range(1, 41)}
+    logged = {m["step"]: m for m in read_metrics(debug_run) if "train/lr" in m}
+    assert sorted(logged) == list(range(1, 41))
+    for step, m in logged.items():
+        assert m["train/tokens"] == consumed[step], step
+        expected = reference_lr(consumed[step], peak, warmup, total, min_ratio)
+        assert m["train/lr"] == pytest.approx(expected, rel=1e-12), step
