@@ -9,24 +9,31 @@
 # logs/STAGE/ (every rank's log) and env.txt (GPU, driver, versions, commit).
 #
 # Stages, most important first (minutes on a fresh machine, roughly):
+#   first10          run this first on a freshly lent GPU: the import check (versions), 20 steps of the debug
+#                    model on 1 GPU in bf16, the GPU tests (loss parity with transformers on CUDA, compiled
+#                    FlexAttention), then the 1B throughput case with its baseline; every part writes its
+#                    result under $OUT as soon as it finishes, so a time-out keeps what was measured     ~7
 #   1b               1B, seq 4096, micro-batch 2, 8 micro-batches per step; activation checkpointing off and
 #                    on; each against the Hugging Face baseline (the headline: >=50% MFU, >=1.3x)        ~8
 #   7b-h200          7B, seq 4096, micro-batch 1, ZeRO-3 + activation checkpointing, no offload, with the
 #                    baseline; needs the H200's memory (>=40% MFU target)                                ~6
-#   7b-h100-offload  7B on an H100: optimizer state offloaded to the CPU, 16 micro-batches per step      ~7
+#   1b-offload       1B with the optimizer state offloaded to the CPU (the offload path on one GPU; the 7B
+#                    needs ~138 GiB of host memory for it, more than the lent machine's 128 GiB)          ~5
 #   1b-micro         1B micro-batch 1 and 4 (checkpointing off), each with its baseline                  ~8
 #   1b-levers        1B levers, ours only: flash SDPA (no document ids), torch.compile, 4 documents per
 #                    row, one micro-batch per step                                                       ~6
 #   1b-zero          1B ZeRO-3 knobs and the loss chunk, ours only: prefetch bucket, persistence
 #                    threshold, overlap_comm, loss_chunk_size                                            ~9
 #   smoke            the debug model and the GPU-marked tests (checks the set-up; ~2)
+# Every case asks the trainer's memory check first; one that cannot fit the machine (the 7B without offload on
+# an H100, say) is recorded as a `refused` row with the planner's numbers, not started.
 set -uo pipefail
 
 stage=${1:-}
 case "$stage" in
-  smoke | 1b | 1b-micro | 1b-levers | 1b-zero | 7b-h200 | 7b-h100-offload) ;;
+  first10 | smoke | 1b | 1b-micro | 1b-levers | 1b-zero | 7b-h200 | 1b-offload) ;;
   *)
-    sed -n '2,22p' "$0"
+    sed -n '2,29p' "$0"
     exit 2
     ;;
 esac
@@ -69,8 +76,24 @@ B1_FAST=("${B1[@]}" --micro-batch 2 --override deepspeed.activation_checkpointin
 B7=(--experiment 7b --seq-len 4096 --micro-batch 1 --timeout 420)
 
 case "$stage" in
+  first10)
+    # 1. the import check: every version the figures depend on, and that the GPU is the one we think.
+    python3 -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__); \
+print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory // 2**30, 'GiB')" \
+      2>&1 | tee "$out/first10-versions.txt"
+    # 2. 20 optimizer steps of the debug model on one GPU in bf16, through the trainer's engine.
+    bench first10-debug --experiment debug --ranks 1 --steps 20 --warmup 0 --no-baseline \
+      --override deepspeed.precision=bf16
+    # 3. loss parity with transformers on CUDA, and compiled FlexAttention's shape bound (GPU-marked tests).
+    python3 -m pytest -q -m gpu tests/pretrain/test_model.py tests/pretrain/test_attention_paths.py 2>&1 |
+      tee "$out/first10-gpu-tests.txt"
+    # 4. the headline: the 1B throughput case (checkpointing off) and its Hugging Face baseline.
+    bench first10-1b "${B1[@]}" --micro-batch 2 --override deepspeed.activation_checkpointing=false
+    ;;
   smoke)
-    python3 -m pytest -q -m gpu tests/benchmarks tests/pretrain/test_model.py 2>&1 | tee "$out/smoke-pytest.txt"
+    python3 -m pytest -q -m gpu tests/benchmarks tests/pretrain/test_model.py tests/pretrain/test_attention_paths.py \
+      2>&1 | tee "$out/smoke-pytest.txt"
     bench smoke --experiment debug --steps 5 --warmup 3
     ;;
   1b)
@@ -94,8 +117,8 @@ case "$stage" in
   7b-h200)
     bench 7b-h200 "${B7[@]}" --grad-accum 4 --steps 4 --warmup 2
     ;;
-  7b-h100-offload)
-    bench 7b-h100-offload "${B7[@]}" --override deepspeed.offload_optimizer=cpu --grad-accum 16 --steps 3 \
+  1b-offload)
+    bench 1b-offload "${B1[@]}" --micro-batch 2 --override deepspeed.offload_optimizer=cpu --steps 4 \
       --warmup 1 --no-baseline
     ;;
 esac

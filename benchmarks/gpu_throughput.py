@@ -24,7 +24,11 @@ Figures: tokens/s = tokens of the timed steps / their total time; TFLOP/s per de
 The baseline (benchmarks/hf_baseline.py) runs the same shape, DeepSpeed config and optimizer, once for each
 distinct shape among the cases, and every case reports `ratio_vs_baseline` = its tokens/s over the baseline's.
 `--out` is rewritten after every case, so a run cut short keeps what it measured; a failed case (out of memory,
-timeout) is recorded with its error and log tail, the others still run, and the exit code is then 1.
+timeout) is recorded with its error and log tail, the others still run, and the exit code is then 1. Every case
+first asks the trainer's memory check (`pretrain.memory_check`): one that cannot fit this machine is not started
+and becomes a result row with `refused` (the planner's numbers), which is an answer, not a failure.
+`mfu` counts attention over the full T x T square (PaLM's convention); `mfu_computed_attention` counts only the
+causal pairs within each document, the work the kernels do.
 """
 
 from __future__ import annotations
@@ -195,11 +199,16 @@ def plan_cases(args: argparse.Namespace, world: int) -> list[dict[str, Any]]:
     return cases
 
 
+def unmeasured(result: dict[str, Any]) -> bool:
+    """A case with no figures: it failed (`error`) or the memory check refused it (`refused`)."""
+    return "error" in result or "refused" in result
+
+
 def add_ratios(results: list[dict[str, Any]]) -> None:
     """`ratio_vs_baseline` for every case whose shape matches a measured baseline (None otherwise)."""
-    baselines = [r for r in results if r["impl"] == "hf" and "error" not in r]
+    baselines = [r for r in results if r["impl"] == "hf" and not unmeasured(r)]
     for result in results:
-        if result["impl"] != "ours" or "error" in result:
+        if result["impl"] != "ours" or unmeasured(result):
             continue
         match = next((b for b in baselines if all(b[k] == result[k] for k in SHAPE_KEYS)), None)
         result["baseline"] = match["name"] if match else None
@@ -214,6 +223,9 @@ def print_table(results: list[dict[str, Any]], env: dict[str, Any]) -> None:
     for r in results:
         if "error" in r:
             print(f"{r['name'][:51]:<52}  FAILED: {r['error']}")
+            continue
+        if "refused" in r:
+            print(f"{r['name'][:51]:<52}  REFUSED: {r['refused']}")
             continue
         mem = r["memory_gib"].get("max_allocated_gib", r["memory_gib"].get("peak_rss_gib", 0.0))
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"

@@ -6,10 +6,15 @@ The rank composes the config as `python -m pretrain +experiment=<name> <override
 of exactly `grad_accum` micro-batches, builds our `pretrain.engine.TrainingEngine` (or the Hugging Face baseline
 of benchmarks/hf_baseline.py) and times `warmup + steps` optimizer steps over synthetic batches that already
 sit on the device, synchronizing the device around each step. Rank 0 writes the figures as JSON.
+
+Before building anything the case asks the trainer's memory check (`pretrain.memory_check`, the planner's memory
+model against this machine's GPU and host memory). A case that cannot fit is not started: rank 0 writes a result
+row with `refused` (the check's numbers and suggestions) instead of letting the out-of-memory killer end it.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -117,6 +122,12 @@ def synthetic_batch(
     return {key: value.to(device) for key, value in batch.items()}
 
 
+def document_lengths(seq_len: int, documents: int) -> list[int]:
+    """The lengths of the `documents` documents `synthetic_batch` puts in a row of `seq_len` tokens."""
+    starts = [-(-i * seq_len // documents) for i in range(documents)] + [seq_len]
+    return [b - a for a, b in itertools.pairwise(starts) if b > a]
+
+
 def attention_path(cfg: Any, impl: str, documents: int, cuda: bool) -> str:
     """Which attention kernel family the case ran, as pretrain.model chooses it."""
     if impl == "hf":
@@ -128,7 +139,31 @@ def attention_path(cfg: Any, impl: str, documents: int, cuda: bool) -> str:
     auto_flex = cfg.model.attention == "auto" and cuda
     if flex_attention is not None and (cfg.model.attention == "flex" or auto_flex):
         return "flex, document-causal block mask"
+    if documents == 1:  # one document per row needs no mask (pretrain.model.document_mask)
+        return "sdpa is_causal, one document per row"
     return "sdpa, boolean document mask"
+
+
+def memory_refusal(cfg: Any, world: int, local_ranks: int) -> str | None:
+    """Why this case would not fit this machine (the trainer's own check), or None when it fits or the
+    config turns the check off (train.check_memory=false)."""
+    if not cfg.train.check_memory:
+        return None
+    from pretrain.hardware import resolve_precision
+    from pretrain.memory_check import memory_problem
+
+    precision, _ = resolve_precision(cfg.deepspeed.precision)
+    return memory_problem(cfg, world, local_ranks, precision)
+
+
+def write_refusal(spec: dict[str, Any], cfg: Any, world: int, problem: str, result_path: Path) -> None:
+    """Rank 0: the result row of a case the memory check refused; it has no figures, only the reason."""
+    result = {
+        **{k: spec[k] for k in ("name", "impl", "experiment", "overrides", "documents", "compile")},
+        **shape_of(cfg, spec["grad_accum"], world),
+        "refused": f"memory check: {problem}",
+    }
+    result_path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def build_engine(spec: dict[str, Any], cfg: Any, env: Any) -> tuple[Any, int, dict[str, Any]]:
@@ -194,6 +229,15 @@ def run_case(spec: dict[str, Any], result_path: Path) -> None:
     cuda = torch.cuda.is_available()
     clean = False
     try:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        # Rank 0 decides for all, so ranks reading slightly different free memory still agree.
+        problem = eng.broadcast_object(memory_refusal(cfg, world, local_ranks) if env.is_main else None)
+        if problem:
+            if env.is_main:
+                log.warning("%s refused: %s", spec["name"], problem)
+                write_refusal(spec, cfg, world, problem, result_path)
+            clean = True
+            return
         torch.manual_seed(cfg.train.seed)
         engine, parameters, extra = build_engine(spec, cfg, env)
         if engine.engine.gradient_accumulation_steps() != spec["grad_accum"]:
@@ -245,13 +289,20 @@ def write_result(
     """Rank 0: the case's figures, with the timed steps split from the warm-up ones, as JSON."""
     import torch
 
-    from pretrain.metrics import peak_tflops
+    from pretrain.metrics import ModelFlops, peak_tflops
     from pretrain.model import flops_per_token
 
     cuda = torch.cuda.is_available()
     seq_len = cfg.data.packing.seq_len
     fpt = flops_per_token(cfg.model, seq_len)
     timed = times[spec["warmup"] :]
+    peak = peak_tflops(cfg.logging.peak_tflops)
+    # The attention pairs really computed: each row's documents (equal parts, see synthetic_batch) over 2.
+    documents = max(1, spec["documents"]) if spec["impl"] == "ours" else 1
+    row_pairs = sum(n * n for n in document_lengths(seq_len, documents)) / 2
+    computed_fpt = ModelFlops.of(cfg.model, seq_len).computed(seq_len, row_pairs) / seq_len
+    figures = throughput_figures(timed, cfg.train.global_batch_tokens, fpt, env.world_size, peak)
+    computed = throughput_figures(timed, cfg.train.global_batch_tokens, computed_fpt, env.world_size, peak)
     result = {
         **{k: spec[k] for k in ("name", "impl", "experiment", "overrides", "documents", "compile")},
         **shape_of(cfg, spec["grad_accum"], env.world_size),
@@ -261,18 +312,17 @@ def write_result(
         "zero_stage": cfg.deepspeed.zero_stage,
         "parameters": parameters,
         "flops_per_token": fpt,
+        "flops_convention": "6N + attention over the full T x T square (PaLM); *_computed_attention: causal "
+        "pairs per document only",
+        "flops_per_token_computed_attention": computed_fpt,
         "tokens_per_step": cfg.train.global_batch_tokens,
         "warmup": spec["warmup"],
         "steps": spec["steps"],
         "warmup_step_times_s": times[: spec["warmup"]],
         "step_times_s": timed,
-        **throughput_figures(
-            timed,
-            cfg.train.global_batch_tokens,
-            fpt,
-            env.world_size,
-            peak_tflops(cfg.logging.peak_tflops),
-        ),
+        **figures,
+        "tflops_per_device_computed_attention": computed["tflops_per_device"],
+        "mfu_computed_attention": computed["mfu"],
         "memory_gib": {key.split("/")[-1]: max(m[key] for m in memory) for key in memory[0]},
         "loss_first": losses[0],
         "loss_last": losses[-1],

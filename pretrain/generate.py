@@ -127,11 +127,14 @@ def generate(
     tokens = torch.tensor([list(prompt_ids)], dtype=torch.long, device=param.device)
     if generator is None:
         generator = torch.Generator(device=param.device).manual_seed(sampling.seed)
-    cache = KVCache(model.cfg, batch=1, device=param.device, dtype=param.dtype) if use_cache else None
+    budget = min(sampling.max_new_tokens, max_len - len(prompt_ids))
+    # Sized to what is decoded, not the model's window (the last new token is never fed back); its dtype is
+    # that of the keys, bf16 under autocast.
+    capacity = max(1, len(prompt_ids) + budget - 1)
+    cache = KVCache(model.cfg, batch=1, capacity=capacity, device=param.device) if use_cache else None
     model.eval()
     new: list[int] = []
     step_input = tokens
-    budget = min(sampling.max_new_tokens, max_len - len(prompt_ids))
     for _ in range(budget):
         logits = model(step_input if use_cache else tokens, cache=cache)[:, -1]
         next_id = sample_next(logits, sampling, generator)
@@ -179,6 +182,14 @@ class GenerateConfig(SamplingConfig):
     def validate(self) -> None:
         super().validate()
         self.dtype = dtype_name(self.dtype, "dtype")
+        # Greedy decoding: the filters and the seed choose nothing, so asking for them is a slip.
+        if self.temperature == 0:
+            for key in ("top_k", "top_p", "seed"):
+                require(
+                    getattr(self, key) == getattr(SamplingConfig, key),
+                    key,
+                    f"has no effect with temperature=0 (greedy decoding); set temperature > 0 or drop {key}",
+                )
 
     def all_prompts(self) -> list[str]:
         return ([self.prompt] if self.prompt else []) + list(self.prompts) or [""]

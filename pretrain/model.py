@@ -5,11 +5,16 @@ YaRN), grouped-query attention, a SwiGLU feed-forward block, no biases and no dr
 RoPE layout (rotate-half) follow Hugging Face's Llama, so an export is a rename and nothing more.
 
 Packed batches carry `document_ids` and `position_ids`; attention then never crosses a document. On CUDA this
-uses FlexAttention with a document-causal block mask (memory linear in the sequence length); elsewhere a boolean
-[B, 1, T, T] mask goes to scaled_dot_product_attention.
+uses FlexAttention with a document-causal block mask (memory linear in the sequence length), compiled for a
+bounded set of shapes (`pretrain.flex_compile`); elsewhere a boolean [B, 1, T, T] mask goes to
+scaled_dot_product_attention, but only when some row really holds several documents: a batch of one document
+per row is plain causal attention (`is_causal=True`), which SDPA runs with its flash or memory-efficient kernels.
+An arbitrary mask rules flash out, and for grouped-query attention on CUDA that leaves the math kernel, which
+builds the whole [B, H, T, S] score tensor.
 
 For generation, a `KVCache` keeps past keys and values so each new token costs one position, not the whole
-prefix; without a cache (training) nothing changes.
+prefix; without a cache (training) nothing changes. The prefill is causal attention without a mask, and a single
+new token attends to every cached key without a mask either.
 
 Nothing here knows about DeepSpeed: the engine wraps the model, and activation checkpointing is injected from
 outside through `Transformer.set_activation_checkpointing`. Every module initializes its own weights inside its
@@ -31,6 +36,8 @@ from torch.utils.checkpoint import checkpoint
 
 from data.loader import IGNORE_INDEX
 from pretrain.config import ModelConfig
+from pretrain.flex_compile import BatchPadding, ShapeBoundedCompile, pad_rows
+from pretrain.kv_cache import KVCache, kv_cache_bytes_per_token  # noqa: F401  (re-exported)
 
 try:  # FlexAttention arrived in torch 2.5; without it the boolean-mask path is used everywhere.
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -172,22 +179,34 @@ def positions_from_documents(document_ids: torch.Tensor) -> torch.Tensor:
     return index - start_index
 
 
-_compiled: dict[str, Callable[..., Any]] = {}
+# The mask value that lets every query see every key: one new token decoding against the whole cache.
+ATTEND_ALL = "attend_all"
+
+_compiled: dict[str, ShapeBoundedCompile] = {}
+_flex_batches = BatchPadding()  # FlexAttention batches are padded up to the largest seen at their length
 
 
 def _on_cuda(fn: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
-    """`fn` compiled once on CUDA: eager FlexAttention and eager block masks materialize T x T tensors."""
+    """`fn` compiled on CUDA (eager FlexAttention and eager block masks materialize T x T tensors), for a
+    bounded number of input shapes: a shape past the budget raises instead of silently running eagerly."""
     if device.type != "cuda":
         return fn
     if fn.__name__ not in _compiled:
-        _compiled[fn.__name__] = torch.compile(fn, dynamic=False)
+        _compiled[fn.__name__] = ShapeBoundedCompile(fn)
     return _compiled[fn.__name__]
+
+
+def has_document_boundary(document_ids: torch.Tensor) -> bool:
+    """Whether some row holds more than one document (padding counts as one): only then is a mask needed."""
+    return bool((document_ids[:, 1:] != document_ids[:, :-1]).any())
 
 
 def document_mask(cfg: ModelConfig, document_ids: torch.Tensor | None) -> Any:
     """The attention mask for a batch: None (plain causal), a FlexAttention BlockMask, or a bool [B,1,T,T].
 
-    Padding (document id -1) attends only to earlier padding, so no row is ever fully masked.
+    Padding (document id -1) attends only to earlier padding, so no row is ever fully masked. A BlockMask may
+    have more rows than the batch: a smaller batch is padded with padding rows up to the largest batch seen at
+    its length, so the tail batches of an evaluation reuse the compiled kernel of the full ones.
     """
     if document_ids is None:
         return None
@@ -196,45 +215,19 @@ def document_mask(cfg: ModelConfig, document_ids: torch.Tensor | None) -> Any:
     )
     batch, length = document_ids.shape
     if use_flex:
+        rows = _flex_batches.pad_batch(batch, (length, str(document_ids.device)))
+        ids = pad_rows(document_ids, rows, -1)
 
         def document_causal(b, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+            return (q_idx >= kv_idx) & (ids[b, q_idx] == ids[b, kv_idx])
 
         make_mask = _on_cuda(create_block_mask, document_ids.device)
-        return make_mask(document_causal, batch, None, length, length, device=document_ids.device)
+        return make_mask(document_causal, rows, None, length, length, device=document_ids.device)
+    if not has_document_boundary(document_ids):
+        return None  # one document per row: plain causal attention, no mask
     causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
     same_document = document_ids[:, :, None] == document_ids[:, None, :]
     return (causal & same_document)[:, None]
-
-
-class KVCache:
-    """Keys and values of the first `length` positions of every layer, for incremental decoding (no grad).
-
-    Preallocated for `capacity` positions so decoding appends in place; rows of the batch advance together.
-    """
-
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        batch: int,
-        capacity: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        self.capacity = capacity or cfg.max_seq_len
-        shape = (cfg.n_layers, batch, cfg.kv_heads, self.capacity, cfg.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, kv_heads, T, head_dim] after the cached positions; return every key and value so far."""
-        end = self.length + k.shape[2]
-        if end > self.capacity:
-            raise ValueError(f"KV cache full: {end} positions exceed its capacity of {self.capacity}")
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
 class Attention(nn.Module):
@@ -262,9 +255,13 @@ class Attention(nn.Module):
             k, v = cache.append(self.layer_index, k, v)
         gqa = self.n_kv_heads != self.n_heads
         if BlockMask is not None and isinstance(mask, BlockMask):
-            out = _on_cuda(flex_attention, q.device)(q, k, v, block_mask=mask, enable_gqa=gqa)
+            rows = mask.shape[0]  # the mask may cover a padded batch (see document_mask)
+            q, k, v = pad_rows(q, rows), pad_rows(k, rows), pad_rows(v, rows)
+            out = _on_cuda(flex_attention, q.device)(q, k, v, block_mask=mask, enable_gqa=gqa)[:batch]
         elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif isinstance(mask, str) and mask == ATTEND_ALL:
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
@@ -358,6 +355,10 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, Yarn.of(cfg))
         if cache is None:
             mask = document_mask(cfg, document_ids)
+        elif past == 0:  # prefill: the cache holds exactly this input's keys, so plain causal attention
+            mask = None
+        elif length == 1:  # one new token may see every cached key, itself included
+            mask = ATTEND_ALL
         else:  # query t (position past + t) sees every key up to and including its own position
             mask = torch.ones(length, past + length, dtype=torch.bool, device=input_ids.device).tril(past)
 
@@ -411,15 +412,26 @@ def count_parameters(cfg: ModelConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), for MFU, in the PaLM / Chinchilla convention.
+def attention_flops_per_pair(cfg: ModelConfig) -> float:
+    """Training FLOPs of one (query, key) pair summed over the layers: q.k and the weighted sum of v cost
+    2 * n_heads * head_dim each in forward, and backward twice that, so 12 * n_layers * n_heads * head_dim."""
+    return 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, attention: str = "full") -> float:
+    """Training FLOPs per token (forward + backward), for MFU.
 
     6 * N for the matrix multiplies, where N counts every parameter except the input embedding (a lookup, no
-    FLOPs) and includes the output projection even when it is tied to the embedding; plus
-    12 * n_layers * dim * seq_len for the attention scores and their weighted sum, counted over the full
-    T x T square (causal masking not discounted, as in PaLM). Norm weights are in N but negligible.
+    FLOPs) and includes the output projection even when it is tied to the embedding; plus the attention scores
+    and their weighted sum, `attention_flops_per_pair` for every (query, key) pair. `attention="full"` counts
+    the whole T x T square, seq_len pairs per token (PaLM / Chinchilla's convention, the one `perf/mfu` uses);
+    `attention="causal"` counts the causal half, seq_len / 2 per token (Megatron's convention), which is
+    closer to what causal kernels compute. Norm weights are in N but negligible.
     """
+    if attention not in ("full", "causal"):
+        raise ValueError(f"attention must be 'full' or 'causal', got {attention!r}")
     non_embedding = count_parameters(cfg) - cfg.vocab_size * cfg.dim
     if cfg.tie_embeddings:  # the shared matrix was subtracted above but still serves as the output projection
         non_embedding += cfg.vocab_size * cfg.dim
-    return 6.0 * non_embedding + 12.0 * cfg.n_layers * cfg.dim * seq_len
+    pairs_per_token = seq_len if attention == "full" else seq_len / 2
+    return 6.0 * non_embedding + attention_flops_per_pair(cfg) * pairs_per_token

@@ -89,6 +89,33 @@ def test_flops_accounting_is_flops_per_token_times_tokens(sweep_report):
         assert r["tflops_per_device"] == pytest.approx(per_device)
 
 
+def test_computed_attention_flops_count_the_causal_half_of_one_document_rows(sweep_report):
+    """Debug rows hold one document: the computed figure drops half of 12 * L * H * T from the full one."""
+    cfg = compose_pretrain_config(["+experiment=debug"])
+    m, seq_len = cfg.model, cfg.data.packing.seq_len
+    half_square = 12 * m.n_layers * m.n_heads * m.head_dim * seq_len / 2
+    for r in sweep_report["results"]:
+        assert r["flops_per_token_computed_attention"] == pytest.approx(r["flops_per_token"] - half_square)
+        ratio = r["tflops_per_device_computed_attention"] / r["tflops_per_device"]
+        assert ratio == pytest.approx(r["flops_per_token_computed_attention"] / r["flops_per_token"])
+        assert r["mfu_computed_attention"] is None  # no peak on a CPU
+
+
+def test_a_case_the_memory_check_refuses_becomes_a_result_row(tmp_path):
+    """The 7B cannot fit two CPU ranks of this machine: the case is refused with the planner's numbers,
+    recorded as a row, and the run still succeeds (exit code 0)."""
+    out = tmp_path / "refused.json"
+    done = run_benchmark(
+        out, "--experiment=7b", "--seq-len=64", "--micro-batch=1", "--steps=1", "--warmup=0", "--no-baseline"
+    )
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["refused"].startswith("memory check: model") and "GiB" in result["refused"]
+    assert "train.check_memory=false" in result["refused"]
+    assert "tokens_per_s" not in result and "error" not in result
+    assert result["seq_len"] == 64 and result["world_size"] == RANKS
+    assert "REFUSED" in done.stdout
+
+
 def test_causal_path_without_document_ids(tmp_path):
     out = tmp_path / "causal.json"
     run_benchmark(
@@ -185,3 +212,60 @@ def test_gpu_mfu_is_reported_and_plausible(tmp_path):
         assert r["memory_gib"]["max_allocated_gib"] > 0
     assert ours["attention"].startswith("flex")
     assert ours["ratio_vs_baseline"] > 0
+
+
+def test_gpu_run_script_parses_and_lists_its_stages():
+    script = ROOT / "benchmarks" / "gpu_run.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=ROOT)
+    assert usage.returncode == 2
+    text = script.read_text()
+    accepted = text.split('case "$stage" in', 1)[1].split(")", 1)[0]
+    stages = [s.strip() for s in accepted.split("|")]
+    assert "first10" in stages and "7b-h100-offload" not in stages
+    for stage in stages:  # every stage is documented in the usage text and has a branch of its own
+        assert f"#   {stage} " in usage.stdout and f"\n  {stage})" in text
+
+
+@pytest.mark.parametrize(
+    ("experiment", "overrides", "grad_accum", "gpu", "fits"),
+    [  # the cases of benchmarks/gpu_run.sh, on the lent machines (128 GiB of host memory, ~120 available)
+        ("1b", ["train.micro_batch_size=2"], 8, "h100", True),
+        ("1b", ["train.micro_batch_size=4", "deepspeed.activation_checkpointing=false"], 8, "h100", True),
+        ("1b", ["train.micro_batch_size=2", "deepspeed.offload_optimizer=cpu"], 8, "h100", True),
+        ("7b", ["train.micro_batch_size=1"], 4, "h200", True),
+        ("debug", [], 1, "h100", True),
+        # what the script no longer runs: the planner's 138 GiB of host memory for the 7B's offloaded optimizer
+        ("7b", ["train.micro_batch_size=1", "deepspeed.offload_optimizer=cpu"], 16, "h100", False),
+        ("7b", ["train.micro_batch_size=1"], 4, "h100", False),
+    ],
+)
+def test_gpu_run_cases_fit_the_lent_machines(experiment, overrides, grad_accum, gpu, fits):
+    from dataclasses import fields
+
+    from pretrain.config import PretrainConfig
+    from pretrain.plan import ClusterConfig, PlanConfig, build_plan
+
+    seq = [] if experiment == "debug" else ["data.packing.seq_len=4096"]
+    cfg = case.compose_case_config(experiment, [*seq, *overrides], grad_accum, 1)
+    cluster = ClusterConfig(
+        nodes=1, gpus_per_node=1, gpu=gpu, peak_tflops=1.0, cpu_memory_gib=120.0
+    )  # fmt: skip
+    values = {f.name: getattr(cfg, f.name) for f in fields(PretrainConfig)}
+    assert build_plan(PlanConfig(**values, cluster=cluster))["fits"] is fits
+
+
+def test_refused_rows_get_no_ratio_and_serve_as_no_baseline():
+    shape = {"seq_len": 64, "micro_batch": 4, "grad_accum": 1, "world_size": 2}
+    shape |= {"activation_checkpointing": True, "offload": "optimizer=none,param=none"}
+    results = [
+        {"impl": "hf", "name": "hf refused", "refused": "memory check: ...", **shape},
+        {"impl": "ours", "name": "ours refused", "refused": "memory check: ...", **shape},
+        {"impl": "ours", "name": "ours measured", "tokens_per_s": 30.0, **shape},
+    ]
+    bench.add_ratios(results)
+    assert "ratio_vs_baseline" not in results[1]
+    assert results[2]["baseline"] is None and results[2]["ratio_vs_baseline"] is None
+    results.append({"impl": "hf", "name": "hf measured", "tokens_per_s": 20.0, **shape})
+    bench.add_ratios(results)
+    assert results[2]["baseline"] == "hf measured" and results[2]["ratio_vs_baseline"] == 1.5

@@ -108,6 +108,45 @@ def test_cache_refuses_to_overflow_and_packed_batches(model):
         model(torch.zeros(1, 2, dtype=torch.long), document_ids=torch.zeros(1, 2), cache=KVCache(TINY, 1))
 
 
+def test_generation_uses_the_unmasked_sdpa_paths(model, monkeypatch):
+    """Prefill is causal SDPA without a mask; each decoded token attends to the whole cache without a mask."""
+    from pretrain import model as model_module
+
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((q.shape[2], k.shape[2], attn_mask is None, is_causal))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+    generate(model, prompt(7), replace(GREEDY, max_new_tokens=3))
+    per_layer = calls[:: TINY.n_layers]
+    assert per_layer == [(7, 7, True, True), (1, 8, True, False), (1, 9, True, False)]
+
+
+def test_cache_is_sized_to_the_prompt_and_new_tokens_in_the_keys_dtype(model, monkeypatch):
+    """The cache holds prompt + new - 1 positions (the last token is never fed back), the exact number the
+    overflow check allows; a bf16 forward stores bf16 keys (half an fp32 cache)."""
+    from pretrain import generate as generate_module
+
+    made = []
+
+    class RecordedCache(KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(generate_module, "KVCache", RecordedCache)
+    new = generate(model, prompt(7), replace(GREEDY, max_new_tokens=5))
+    assert len(new) == 5 and made[-1].capacity == 7 + 5 - 1 < TINY.max_seq_len
+    assert made[-1].keys.shape == (TINY.n_layers, 1, TINY.kv_heads, 11, TINY.head_dim)
+    assert new == generate(model, prompt(7), replace(GREEDY, max_new_tokens=5), use_cache=False)
+    half = Transformer(TINY).to(torch.bfloat16).eval()
+    generate(half, prompt(7), replace(GREEDY, max_new_tokens=2))
+    assert made[-1].keys.dtype == torch.bfloat16 and made[-1].values.dtype == torch.bfloat16
+
+
 def test_training_forward_is_unchanged_without_a_cache(model):
     """The cache-free path is the training path: the loss still matches a plain cross-entropy on the logits."""
     ids = torch.tensor([prompt(16)])

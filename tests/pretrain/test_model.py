@@ -74,6 +74,18 @@ def test_flops_per_token_convention():
     assert flops_per_token(replace(cfg, tie_embeddings=True), 64) == flops_per_token(cfg, 64)
 
 
+def test_causal_flops_count_half_the_attention_square():
+    """By hand for the 7B at 32K: 6N = 6 * 6.476e9 (6.738e9 less the 32000 x 4096 input embedding); the full
+    square adds 12 * 32 layers * 4096 * 32768 = 5.154e13 per token (more than 6N), the causal half 2.577e13."""
+    cfg = ModelConfig(name="7b", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, ffn_dim=11008)
+    six_n = 6 * (6_738_415_616 - 32000 * 4096)
+    assert flops_per_token(cfg, 32768) == six_n + 51_539_607_552
+    assert flops_per_token(cfg, 32768, attention="causal") == six_n + 25_769_803_776
+    assert six_n < 51_539_607_552  # at 32K the full-square attention term exceeds 6N
+    with pytest.raises(ValueError, match="'full' or 'causal'"):
+        flops_per_token(cfg, 128, attention="half")
+
+
 def test_scaled_initialization():
     model = build(n_layers=8, dim=256, n_heads=4, ffn_dim=256)
     std = model.cfg.init_std
