@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
@@ -26,159 +25,20 @@ from data.config import (
     whole_number,
 )
 from pretrain.batching import schedule_layouts
+from pretrain.model_config import ATTENTION_BACKENDS, DTYPE_ALIASES, DTYPES, ModelConfig, dtype_name
 from pretrain.schedule import BatchSchedule
 
-__all__ = ["ConfigError", "require", "whole_number"]  # pretrain modules take these from here
-
-ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
-
-# Weight and compute dtypes by the one spelling every command accepts; the long names are aliases.
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-
-def dtype_name(name: str, key: str) -> str:
-    """The canonical dtype name (fp32, bf16, fp16) for `name` or one of its long aliases."""
-    canonical = DTYPE_ALIASES.get(name, name)
-    require(canonical in DTYPES, key, f"must be one of {sorted(DTYPES)}, got {name!r}")
-    return canonical
-
-
-@dataclass
-class ModelConfig:
-    """Shape and numerics of the model; `validate()` names the offending key."""
-
-    name: str = "tiny"
-    vocab_size: int = 32000
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    # Key/value heads for grouped-query attention; None means n_heads (multi-head attention).
-    n_kv_heads: int | None = None
-    # Hidden width of the SwiGLU block, given explicitly (LLaMA-2-7B: 11008).
-    ffn_dim: int = 688
-    max_seq_len: int = 256
-    norm_eps: float = 1e-5
-    # RoPE for long contexts, three methods that combine. Base change ("ABF", adjusted base frequency, as in
-    # Llama 2 Long with 500,000 and Code Llama with 1,000,000): raise rope_base for the continued pretraining;
-    # the frequency of pair i is rope_base * rope_base_scaling raised to -2i / head_dim.
-    rope_base: float = 10000.0
-    # Multiplier on rope_base, kept for older configs; the effective base is `rope_theta`.
-    rope_base_scaling: float = 1.0
-    # Context-extension factor s (1.0 = off), applied as `rope_type` says.
-    rope_scaling: float = 1.0
-    # How rope_scaling is applied; at 1.0 either is plain RoPE (so "linear" is also the no-scaling default).
-    # "linear": position interpolation, position p is rotated as p / s. "yarn": YaRN, which leaves the pairs
-    # that turn many times within the original window alone, divides the frequency of those that turn less
-    # than once by s, blends linearly in between, and multiplies cos and sin by an attention factor.
-    rope_type: str = "linear"
-    # YaRN only: the window the model was pretrained on (tokens); its pairs are classified against it.
-    rope_original_max_seq_len: int | None = None
-    # YaRN only: pairs with at least beta_fast turns in the original window are kept, those with at most
-    # beta_slow turns are interpolated (the YaRN paper's beta and alpha).
-    yarn_beta_fast: float = 32.0
-    yarn_beta_slow: float = 1.0
-    # YaRN only: the factor on cos and sin (so attention logits scale by its square); None = 0.1 ln(s) + 1.
-    yarn_attention_factor: float | None = None
-    tie_embeddings: bool = False
-    init_std: float = 0.02
-    # "auto": FlexAttention for packed batches on CUDA, SDPA with a boolean mask otherwise. "flex" forces
-    # FlexAttention (on CPU it is forward-only, for tests); "sdpa" always builds the [B, 1, T, T] mask.
-    attention: str = "auto"
-    # Rows of logits upcast to fp32 at a time in the loss (0 = all at once).
-    loss_chunk_size: int = 2048
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def rope_theta(self) -> float:
-        """The RoPE base the model rotates with (and the export's `rope_theta`): base times its multiplier."""
-        return self.rope_base * self.rope_base_scaling
-
-    def validate(self, key: str = "model") -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
-            require(
-                getattr(self, name) >= 1,
-                f"{key}.{name}",
-                f"must be a positive integer, got {getattr(self, name)}",
-            )
-        require(
-            self.dim % self.n_heads == 0,
-            f"{key}.n_heads",
-            f"must divide {key}.dim ({self.dim} % {self.n_heads} != 0)",
-        )
-        require(self.head_dim % 2 == 0, f"{key}.n_heads", f"{key}.dim / {key}.n_heads must be even for RoPE")
-        require(
-            self.kv_heads >= 1,
-            f"{key}.n_kv_heads",
-            f"must be a positive integer or null, got {self.n_kv_heads}",
-        )
-        require(
-            self.n_heads % self.kv_heads == 0,
-            f"{key}.n_kv_heads",
-            f"must divide {key}.n_heads ({self.n_heads} % {self.kv_heads} != 0)",
-        )
-        for name in ("norm_eps", "rope_base", "rope_scaling", "rope_base_scaling", "init_std"):
-            require(getattr(self, name) > 0, f"{key}.{name}", f"must be positive, got {getattr(self, name)}")
-        self._validate_rope_scaling(key)
-        require(
-            self.attention in ATTENTION_BACKENDS,
-            f"{key}.attention",
-            f"must be one of {ATTENTION_BACKENDS}, got {self.attention!r}",
-        )
-        require(
-            self.loss_chunk_size >= 0,
-            f"{key}.loss_chunk_size",
-            "must be >= 0 (0 computes the loss in one piece)",
-        )
-
-    def _validate_rope_scaling(self, key: str) -> None:
-        """The YaRN keys are checked with YaRN and must keep their defaults without it, so no setting is ignored."""
-        types = ("linear", "yarn")
-        require(
-            self.rope_type in types,
-            f"{key}.rope_type",
-            f"must be one of {types}, got {self.rope_type!r}",
-        )
-        yarn_only = ("rope_original_max_seq_len", "yarn_attention_factor", "yarn_beta_fast", "yarn_beta_slow")
-        if self.rope_type != "yarn":
-            for name in yarn_only:
-                default = getattr(ModelConfig, name)
-                require(
-                    getattr(self, name) == default,
-                    f"{key}.{name}",
-                    f"is read only by YaRN ({key}.rope_type=yarn); leave it at {default}",
-                )
-            return
-        require(
-            self.rope_scaling >= 1.0,
-            f"{key}.rope_scaling",
-            f"YaRN extends the context: must be >= 1, got {self.rope_scaling}",
-        )
-        require(
-            self.rope_original_max_seq_len is not None and self.rope_original_max_seq_len >= 1,
-            f"{key}.rope_original_max_seq_len",
-            f"YaRN needs the pretraining window as a positive integer, got {self.rope_original_max_seq_len}",
-        )
-        require(
-            self.yarn_beta_slow > 0, f"{key}.yarn_beta_slow", f"must be positive, got {self.yarn_beta_slow}"
-        )
-        require(
-            self.yarn_beta_fast > self.yarn_beta_slow,
-            f"{key}.yarn_beta_fast",
-            f"must exceed {key}.yarn_beta_slow ({self.yarn_beta_fast} <= {self.yarn_beta_slow})",
-        )
-        require(
-            self.yarn_attention_factor is None or self.yarn_attention_factor > 0,
-            f"{key}.yarn_attention_factor",
-            f"must be positive or null (0.1 ln(s) + 1), got {self.yarn_attention_factor}",
-        )
+# Pretrain modules take these from here.
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "DTYPES",
+    "DTYPE_ALIASES",
+    "ConfigError",
+    "ModelConfig",
+    "dtype_name",
+    "require",
+    "whole_number",
+]
 
 
 @dataclass
@@ -246,6 +106,9 @@ class DeepSpeedConfig:
     timeout_minutes: float = 30.0
     # Raw DeepSpeed keys merged last, for anything not modelled above.
     extra: dict[str, Any] = field(default_factory=dict)
+    # Start even on a DeepSpeed outside the tested range (pretrain.versions.TESTED_DEEPSPEED): its gradient
+    # scaling and internals were not verified by the test suite; the start-up gradient-scale probe still runs.
+    allow_untested_version: bool = False
 
     def validate(self, key: str = "deepspeed") -> None:
         for name in COUNT_KEYS:
@@ -264,6 +127,14 @@ class DeepSpeedConfig:
         )
         require(self.checkpoint_every_n_layers >= 1, f"{key}.checkpoint_every_n_layers", "must be at least 1")
         require(self.timeout_minutes > 0, f"{key}.timeout_minutes", "must be positive")
+        require(
+            isinstance(self.allow_untested_version, bool),
+            f"{key}.allow_untested_version",
+            "must be true or false",
+        )
+
+
+INIT_DATA_POSITIONS = ("auto", "continue", "fresh")
 
 
 @dataclass
@@ -279,6 +150,12 @@ class TrainConfig:
     # With init_from: also continue the parent's AdamW moments (an annealing stage); by default the optimizer
     # starts fresh, and the stage has its own token schedule either way.
     init_optimizer: bool = False
+    # With init_from: `continue` reads the samples the parent would have read next (decay on the same stream,
+    # WSD/MiniCPM); `fresh` starts at sample 0 (a new mixture: Llama 3 annealing, OLMo 2 mid-training, long
+    # context); `auto` continues when the stage's sample order (data fingerprint) equals the parent's.
+    init_data_position: str = "auto"
+    # Slots, padding included: every schedule (LR, batch ramp) counts these; `train/target_tokens_total` logs
+    # the real target tokens beside them.
     total_tokens: int | float = MISSING
     # Final global batch, in tokens (a multiple of seq_len * micro_batch_size * world_size).
     global_batch_tokens: int | float = MISSING
@@ -317,6 +194,15 @@ class TrainConfig:
             not self.init_optimizer or bool(self.init_from),
             f"{key}.init_optimizer",
             "continues a parent's optimizer: set train.init_from too",
+        )
+        position, choices = self.init_data_position, INIT_DATA_POSITIONS
+        require(
+            position in choices, f"{key}.init_data_position", f"must be one of {choices}, got {position!r}"
+        )
+        require(
+            self.init_data_position == "auto" or bool(self.init_from),
+            f"{key}.init_data_position",
+            "chooses where a stage's data starts relative to its parent: set train.init_from too",
         )
         require(self.total_tokens > 0, f"{key}.total_tokens", "must be positive")
         require(self.global_batch_tokens > 0, f"{key}.global_batch_tokens", "must be positive")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import os
 import warnings
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -18,8 +17,10 @@ import torch.distributed as dist
 
 from data.loader import IGNORE_INDEX
 from data.log import get_logger
+from pretrain import versions
 from pretrain.batching import BatchLayout
 from pretrain.config import PretrainConfig
+from pretrain.dist_env import DistEnv, cuda_device_index, dist_env, launch_environment
 from pretrain.hardware import cpu_threads_per_rank, resolve_precision
 from pretrain.model import Transformer
 
@@ -31,40 +32,31 @@ warnings.filterwarnings(
 )
 
 
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
 def init_distributed(timeout_minutes: float) -> DistEnv:
-    """Join the process group that the launcher (ours, torchrun, deepspeed or srun) described in the env."""
+    """Join the process group that the launcher (ours, torchrun, deepspeed or srun) described in the env, as
+    `pretrain.dist_env` reads and checks it; each rank takes its GPU and its share of the host's cores (on a GPU
+    node too: DeepSpeed's CPU Adam under optimizer offload runs on those threads)."""
     import deepspeed
 
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.update(launch_environment(os.environ))
     # NCCL: a collective that outlives the timeout aborts the process instead of hanging (gloo raises anyway).
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.set_num_threads(cpu_threads_per_rank())
     if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
-    else:
-        torch.set_num_threads(cpu_threads_per_rank())
-        log.info("%d ranks on CPU, %d threads per rank", env.world_size, torch.get_num_threads())
+        local_rank = int(os.environ["LOCAL_RANK"])
+        device = cuda_device_index(local_rank, torch.cuda.device_count())
+        if device != local_rank:  # one GPU bound to this task: DeepSpeed picks its device by LOCAL_RANK
+            os.environ["LOCAL_RANK"] = str(device)
+        torch.cuda.set_device(device)
+    env = dist_env(os.environ)
+    log.info(
+        "%d ranks on %s, %d threads per rank",
+        env.world_size,
+        "GPU" if torch.cuda.is_available() else "CPU",
+        torch.get_num_threads(),
+    )
     if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(
             dist_backend=backend, timeout=timedelta(minutes=timeout_minutes), verbose=False
         )
@@ -139,8 +131,20 @@ def parameter_groups(
     ]
 
 
-def build_optimizer(cfg: PretrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    """AdamW for the engine: DeepSpeed's CPU Adam with optimizer offload, its fused Adam on GPU, else torch's."""
+def deepspeed_fused_adam_prebuilt() -> bool:
+    """Whether this DeepSpeed was installed with its FusedAdam op compiled in (DS_BUILD_FUSED_ADAM=1). Otherwise
+    FusedAdam compiles at first use: it needs nvcc matching torch's CUDA, ninja and a writable extension cache,
+    all local ranks wait on one file lock, and a rank killed mid-build leaves a stale lock behind."""
+    from deepspeed.git_version_info import installed_ops
+
+    return bool(installed_ops.get("fused_adam", False))
+
+
+def build_optimizer(
+    cfg: PretrainConfig, groups: list[dict], fused_adam_prebuilt: bool | None = None
+) -> torch.optim.Optimizer:
+    """AdamW for the engine: DeepSpeed's CPU Adam with optimizer offload; on GPU DeepSpeed's FusedAdam where it
+    was prebuilt, else torch's fused AdamW (the same update, no compiler needed); torch's AdamW on CPU."""
     opt = cfg.optim
     kwargs = {"lr": opt.lr, "betas": tuple(opt.betas), "eps": opt.eps}
     if cfg.deepspeed.offload_optimizer == "cpu":
@@ -148,9 +152,13 @@ def build_optimizer(cfg: PretrainConfig, groups: list[dict]) -> torch.optim.Opti
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     if torch.cuda.is_available():
-        from deepspeed.ops.adam import FusedAdam
+        if fused_adam_prebuilt is None:
+            fused_adam_prebuilt = deepspeed_fused_adam_prebuilt()
+        if fused_adam_prebuilt:
+            from deepspeed.ops.adam import FusedAdam
 
-        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+            return FusedAdam(groups, adam_w_mode=True, **kwargs)
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
@@ -160,19 +168,27 @@ class TrainingEngine:
     def __init__(self, cfg: PretrainConfig, env: DistEnv, layout: BatchLayout):
         import deepspeed
 
+        versions.check_deepspeed_version(deepspeed.__version__, cfg.deepspeed.allow_untested_version)
         self.cfg = cfg
         self.env = env
         # Decided on rank 0 and shared, so every rank builds the same engine even on mixed hardware.
         self.precision, why = broadcast_object(resolve_precision(cfg.deepspeed.precision))
         log.info("training in %s (%s)", self.precision, why)
         self.ds_config = deepspeed_config(cfg, layout, self.precision)
+        # Before the (costly) model: every rank runs the probe, a collective, on the run's own ZeRO config.
+        versions.check_gradient_scale(self.ds_config, env.world_size)
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=cfg.deepspeed.zero_stage == 3):
             model = Transformer(cfg.model)
         if cfg.deepspeed.activation_checkpointing:
             model.set_activation_checkpointing(_checkpoint_fn(), cfg.deepspeed.checkpoint_every_n_layers)
         groups = parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_norms_and_embeddings)
         self.decay_parameter_names = _names_in(model, groups[0]["params"])
-        optimizer = build_optimizer(cfg, groups)
+        # Decided on rank 0, so every rank steps with the same kernel.
+        prebuilt = torch.cuda.is_available() and broadcast_object(deepspeed_fused_adam_prebuilt())
+        optimizer = build_optimizer(cfg, groups, fused_adam_prebuilt=prebuilt)
+        log.info(
+            "optimizer: %s%s", type(optimizer).__name__, " (fused)" if optimizer.defaults.get("fused") else ""
+        )
         self.initial_group_hyperparameters = [
             {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
         ]
@@ -282,16 +298,21 @@ class TrainingEngine:
         state = {**client_state, "param_groups": groups}
         self.engine.save_checkpoint(directory, tag=tag, client_state=state, save_latest=False)
 
+    def checkpoint_files(self) -> list[str]:
+        """The files `save` writes on this rank into a checkpoint directory (DeepSpeed's names, checked in
+        `pretrain.versions`), so the commit can check that each one arrived."""
+        return versions.checkpoint_file_names(self.engine)
+
     def load(self, directory: str, tag: str, *, universal: bool = False) -> dict[str, Any]:
         """Load a checkpoint written at this world size, or with `universal` DeepSpeed's universal copy of one
         written at any world size (`pretrain.reshard`)."""
-        self.engine._config.load_universal_checkpoint = universal
+        versions.set_universal_load(self.engine, universal)  # a DeepSpeed 0.19.8 private, checked there
         try:
             path, client_state = self.engine.load_checkpoint(
                 directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
             )
         finally:  # later loads and every save are the normal kind
-            self.engine._config.load_universal_checkpoint = False
+            versions.set_universal_load(self.engine, False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {directory}/{tag}")
         client_state = client_state or {}
@@ -304,8 +325,7 @@ class TrainingEngine:
         """A stage's optimizer after loading its parent: the new run's hyperparameters in every group, and
         unless `keep_moments` the AdamW state of a fresh optimizer (zero moments, step 0), which is exactly what
         torch's AdamW starts from, while the fp32 master weights keep the parent's full precision."""
-        zero = self.engine.optimizer
-        inner = getattr(zero, "optimizer", zero)
+        inner = versions.inner_optimizer(self.engine)  # DeepSpeed 0.19.8's wrapper.optimizer, checked there
         for group, initial in zip(inner.param_groups, self.initial_group_hyperparameters, strict=True):
             group.update({key: initial[key] for key in ("weight_decay", "betas", "eps")})
         if keep_moments:
@@ -321,7 +341,7 @@ class TrainingEngine:
         """DeepSpeed 0.19's ZeRO-3 universal load gives every parameter group the first group's
         hyperparameters, so the no-decay group would come back decaying; restore each group's own (those saved
         with the checkpoint, or for a checkpoint without them, this run's)."""
-        groups = self.engine.optimizer.optimizer.param_groups
+        groups = versions.inner_optimizer(self.engine).param_groups  # DeepSpeed 0.19.8's wrapper.optimizer
         if saved_groups is None:
             saved_groups = self.initial_group_hyperparameters
         if len(saved_groups) != len(groups):
@@ -335,11 +355,12 @@ class TrainingEngine:
         """Give every ZeRO-3 sub-group its own Adam step counter. DeepSpeed 0.19's universal load puts one step
         tensor into all of them, and ZeRO-3 steps each sub-group separately, so the shared counter would
         advance once per sub-group per step (a wrong bias correction ever after, saved into every later
-        checkpoint). Harmless after any other load."""
-        zero = self.engine.optimizer
-        inner = getattr(zero, "optimizer", None)
-        for flat in getattr(zero, "fp32_partitioned_groups_flat", []):
-            state = inner.state.get(flat, {}) if inner is not None else {}
+        checkpoint). Harmless after any other load. Only ZeRO-3 is repaired, as it always was here."""
+        if self.cfg.deepspeed.zero_stage != 3:
+            return
+        inner = versions.inner_optimizer(self.engine)
+        for flat in versions.zero3_fp32_partitions(self.engine):  # DeepSpeed 0.19.8 privates, checked there
+            state = inner.state.get(flat, {})
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
 
@@ -350,11 +371,13 @@ def _names_in(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[
 
 
 def _checkpoint_fn():
-    """Activation checkpointing for a block: torch's non-reentrant recompute, which works with ZeRO-3 hooks."""
+    """Activation checkpointing for a block: torch's non-reentrant recompute, which works with ZeRO-3 hooks.
+    A block holds no randomness (no dropout), so the recompute needs no saved RNG state: without
+    `preserve_rng_state` torch neither stashes nor restores the CPU and CUDA generators for every block."""
     from torch.utils.checkpoint import checkpoint
 
     def run(block, *args, **kwargs):
-        return checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return checkpoint(block, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
     return run
 
@@ -379,6 +402,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's Python object, in rank order, on every rank (the files each rank wrote into a checkpoint,
+    rank 0's verdict on them)."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def shutdown(*, clean: bool = True) -> None:

@@ -1,8 +1,9 @@
 """What this machine is, for the choices that depend on it: bf16 or fp32, threads per CPU rank, free memory.
 
-Whatever started the ranks, a CPU rank uses its share of the cores (`cpu_threads_per_rank`): torch's default
-of one thread per core in every rank oversubscribes the machine as soon as two ranks share it, and gloo's
-collectives then wait on descheduled threads (the deepspeed launcher sets no thread count; torchrun sets 1).
+Whatever started the ranks, a rank uses its share of the cores (`cpu_threads_per_rank`), on CPU and GPU
+nodes alike: torch's default of one thread per core in every rank oversubscribes the machine as soon as two
+ranks share it, and gloo's collectives then wait on descheduled threads (the deepspeed launcher sets no thread
+count; torchrun sets 1 unless told otherwise).
 """
 
 from __future__ import annotations
@@ -56,10 +57,13 @@ def local_world_size() -> int:
 
 
 def cpu_threads_per_rank() -> int:
-    """Intra-op threads for one CPU rank: OMP_NUM_THREADS when set, else this process's cores shared evenly
-    among the ranks of the machine."""
+    """Intra-op threads for one rank (on CPU its compute; on a GPU node its host work, such as DeepSpeed's CPU
+    Adam under optimizer offload): OMP_NUM_THREADS when set, else this process's cores shared evenly among the
+    ranks of the machine. torchrun's own default of OMP_NUM_THREADS=1, which it sets for every rank when the
+    variable was unset, is not taken as a choice: it would leave CPU Adam on one core."""
     configured = os.environ.get("OMP_NUM_THREADS", "")
-    if configured.isdigit() and int(configured) > 0:
+    torchrun_default = configured == "1" and "TORCHELASTIC_RUN_ID" in os.environ
+    if configured.isdigit() and int(configured) > 0 and not torchrun_default:
         return int(configured)
     cores = len(os.sched_getaffinity(0))
     per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")  # Slurm already gave each task its own cores

@@ -28,10 +28,9 @@ from pretrain.long_report import (
     long_context_report,
     write_plots,
 )
-from pretrain.metrics import SpikeDetector, Throughput, memory_gib, peak_tflops
-from pretrain.model import flops_per_token
+from pretrain.metrics import ModelFlops, SpikeDetector, Throughput, attended_pairs, memory_gib, peak_tflops
 from pretrain.schedule import LRSchedule
-from pretrain.stages import parent_to_start_from, start_from_parent
+from pretrain.stages import choose_data_start, parent_to_start_from, start_from_parent, tokenizer_record
 from pretrain.tracking import RunTracker, wandb_run_id
 
 log = get_logger(__name__)
@@ -47,6 +46,10 @@ class TrainerState:
     wandb_run_id: str = ""
     skipped_steps: int = 0
     batch_tokens: int = 0
+    # Real target tokens (labels that are not IGNORE_INDEX), beside `tokens`, which counts slots with padding.
+    target_tokens: int = 0
+    # The tokenizer this run trains with ({"fingerprint", "vocab_size"}); a stage checks its parent's record.
+    tokenizer: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -71,15 +74,21 @@ class Trainer:
             self.batch.sizes(), self.seq_len, cfg.train.micro_batch_size, env.world_size
         )
 
+        # The parent is checked before any costly build: the data, then the engine.
+        parent = parent_to_start_from(cfg, self.tok_info)
         planned = -(-cfg.train.total_tokens // self.seq_len)
         self.train_data = MixtureDataset.from_tokenizer(
             cfg.data, self.tok_info, split="train", planned_samples=planned
         )
+        data_start = None
+        if parent is not None:
+            data_start = choose_data_start(cfg, parent, self.train_data.fingerprint())
+            if data_start.position:
+                self.train_data.plan_samples(data_start.position + planned)
         val_data = MixtureDataset.from_tokenizer(cfg.data, self.tok_info, split="val")
         self.val_sources = {name: val_data.for_source(name) for name in cfg.data.sources}
         self.loader = GlobalBatchLoader(self.train_data, rank=env.rank, world_size=env.world_size)
 
-        parent = parent_to_start_from(cfg, self.tok_info)  # checked before the (costly) engine is built
         torch.manual_seed(cfg.train.seed)  # the same init on every rank: ZeRO-3 keeps each rank's slice of it
         self.engine = eng.TrainingEngine(cfg, env, self.layouts[self.batch(0)])
         local, total = self.engine.local_parameter_count()
@@ -100,6 +109,7 @@ class Trainer:
             env.rank,
             eng.barrier,
             self._all_ranks_ok,
+            all_gather=eng.all_gather_object,
             config_text=config_yaml(cfg),
             world_size=env.world_size,
             seed=cfg.train.seed,
@@ -120,10 +130,17 @@ class Trainer:
         self.state = TrainerState()
         resumed = self.checkpoints.load_latest(self.engine)
         if resumed is not None:
+            if "target_tokens" not in resumed:
+                log.warning(
+                    "the checkpoint predates target-token counting: train/target_tokens_total counts from 0"
+                )
             self.state = TrainerState(**resumed)
             self.loader.load_state_dict(self.state.loader)
-        elif parent is not None:
-            start_from_parent(cfg, parent, self.engine, self.checkpoints, env.is_main)
+        elif parent is not None and data_start is not None:
+            start_from_parent(cfg, parent, self.engine, self.checkpoints, env.is_main, data_start)
+            if data_start.mode == "continue":
+                self.loader.load_state_dict(data_start.parent_loader)  # checks the order's fingerprint again
+        self.state.tokenizer = tokenizer_record(self.tok_info)
         if env.is_main:
             run_id = self.state.wandb_run_id or wandb_run_id(self.run_dir)
         else:
@@ -141,7 +158,7 @@ class Trainer:
             )
             self.tracker.truncate_after(self.state.step)
         self.throughput = Throughput(
-            flops_per_token(cfg.model, self.seq_len), env.world_size, peak_tflops(cfg.logging.peak_tflops)
+            ModelFlops.of(cfg.model, self.seq_len), env.world_size, peak_tflops(cfg.logging.peak_tflops)
         )
         self.spikes = SpikeDetector(cfg.logging.spike_window, cfg.logging.spike_sigma)
         self.bad_in_a_row = 0
@@ -169,8 +186,11 @@ class Trainer:
         poison = self.drills.poison_loss(self.state.step + 1)
         skipped_before = self.engine.skipped_steps
         # The loss is normalised by the target tokens of the whole global batch, counted across ranks first.
+        # The same collective sums the attended (query, key) pairs, for the MFU of the attention really computed.
         local_targets = float((rank_batch["labels"] != IGNORE_INDEX).sum())
-        global_targets = int(eng.all_reduce_sum([local_targets], self.engine_device())[0])
+        local_pairs = attended_pairs(rank_batch["document_ids"])
+        targets, pairs = eng.all_reduce_sum([local_targets, local_pairs], self.engine_device())
+        global_targets = int(targets)
         micro_batches = split_micro_batches(rank_batch, cfg.train.micro_batch_size)
         loss_sums = [
             self.engine.forward_backward(
@@ -192,8 +212,9 @@ class Trainer:
         self.preempted = self.preempted or stop_votes > 0
         self.state.step += 1
         self.state.tokens += batch_tokens
+        self.state.target_tokens += global_targets
         self.state.batch_tokens = batch_tokens
-        self.throughput.add(batch_tokens)
+        self.throughput.add(batch_tokens, pairs)
         if skipped:
             self.state.skipped_steps += 1
             self.bad_in_a_row += 1
@@ -219,6 +240,7 @@ class Trainer:
             "train/batch_tokens": float(batch_tokens),
             "train/grad_accum": float(layout.accumulation),
             "train/tokens": float(self.state.tokens),
+            "train/target_tokens_total": float(self.state.target_tokens),
             "train/samples": float(self.loader.position),
             "train/skipped_steps": float(self.state.skipped_steps),
         }
@@ -349,13 +371,15 @@ class Trainer:
             self.tracker.log(metrics, step)
             if "train/loss" in metrics:
                 log.info(
-                    "step %d | loss %.4f | lr %.2e | grad %.3f | batch %d | %.0f tok/s",
+                    "step %d | loss %.4f | lr %.2e | grad %.3f | batch %d | %.0f tok/s | tokens %d (%d targets)",
                     step,
                     metrics["train/loss"],
                     metrics["train/lr"],
                     metrics["train/grad_norm"],
                     int(metrics["train/batch_tokens"]),
                     metrics.get("perf/tokens_per_s", float("nan")),
+                    int(metrics["train/tokens"]),
+                    int(metrics["train/target_tokens_total"]),
                 )
             else:
                 log.info("step %d | %s", step, " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
