@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Throughput and MFU on one H100 or H200 (issue 6), one stage per call so that each stays under 10 minutes:
+# Throughput and MFU on one H100 or H200, one stage per call so that each stays under 10 minutes:
 #
 #   bash benchmarks/gpu_run.sh STAGE        # in the project root of the GPU machine
 #
 # Needs .whl/ (deepspeed, hydra-core, omegaconf, ... for Python 3.12), made on a networked machine by
-# `bash ../shared/gpu/wheels.sh` and carried with the working tree (it is git-ignored). Writes, under $OUT
+# `bash benchmarks/gpu_wheels.sh` and carried with the working tree (it is git-ignored). Writes, under $OUT
 # (default benchmarks/results/gpu): STAGE.json (rewritten after every case), STAGE.txt (progress and table),
 # logs/STAGE/ (every rank's log) and env.txt (GPU, driver, versions, commit).
 #
@@ -42,7 +42,7 @@ mkdir -p "$out/logs"
 
 if [ ! -d /tmp/site/deepspeed ]; then
   if ! compgen -G ".whl/*.whl" >/dev/null; then
-    echo "gpu_run.sh: no .whl/*.whl here: run 'bash ../shared/gpu/wheels.sh' on a machine with registry" \
+    echo "gpu_run.sh: no .whl/*.whl here: run 'bash benchmarks/gpu_wheels.sh' on a machine with registry" \
       "access and carry .whl/ with the working tree" >&2
     exit 2
   fi
@@ -50,6 +50,17 @@ if [ ! -d /tmp/site/deepspeed ]; then
     exit 3
 fi
 export PYTHONPATH=/tmp/site:$PWD
+# The carried DeepSpeed and transformers must be the tested ones: the trainer would refuse another DeepSpeed at
+# every start, and the parity tests compare with transformers' own models.
+python3 - <<'PY' || exit 3
+import deepspeed, transformers
+from packaging.version import Version
+from pretrain.versions import check_deepspeed_version
+check_deepspeed_version(deepspeed.__version__, allow_untested=False)
+if not Version("5.25") <= Version(transformers.__version__) < Version("6"):
+    raise SystemExit(f"transformers {transformers.__version__} is not the tested >=5.25,<6: carry its wheel"
+                     " (bash benchmarks/gpu_wheels.sh)")
+PY
 # DeepSpeed builds FusedAdam / CPUAdam with nvcc on first use: only for Hopper, to keep that short.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 
