@@ -126,7 +126,14 @@ def warm_imports() -> None:
 
 def trial(cfg, directory: Path, report_fd: int, rank: int, world_size: int, port: int) -> None:
     """In one rank of a trial: load and check the newest checkpoint, report, then save until killed."""
-    engine = build_engine(cfg, rank, world_size, port)
+    try:
+        engine = build_engine(cfg, rank, world_size, port)
+    except Exception as err:  # e.g. the port was taken between choosing and binding it: no load was tried
+        os.write(
+            report_fd,
+            (json.dumps({"verdict": f"setup: {type(err).__name__}: {err}", "step": 0}) + "\n").encode(),
+        )
+        raise
     manager = real_manager(directory, rank, world_size)
     stamp(engine, 0, rank)  # whatever is checked below must really have been loaded
     try:
@@ -207,9 +214,15 @@ def main() -> None:
     steps = set()
     for index in range(args.trials + 1):
         newest = newest_committed_step(directory)
-        port = free_port()
-        children = [run_child(cfg, directory, rank, args.ranks, port) for rank in range(args.ranks)]
-        reports = [read_report(read_fd) for _, read_fd in children]  # each rank's, after loading
+        for _attempt in range(5):
+            port = free_port()
+            children = [run_child(cfg, directory, rank, args.ranks, port) for rank in range(args.ranks)]
+            reports = [read_report(read_fd) for _, read_fd in children]  # each rank's, after loading
+            if not any(report["verdict"].startswith("setup:") for report in reports):
+                break
+            # The ranks never formed their group (no checkpoint was read): not a trial of the load; again.
+            print({"setup_failed": reports}, flush=True)
+            kill_all([pid for pid, _ in children], random.Random(0))
         if index > 0:  # the first trial finds nothing to load
             counts["trials"] += 1
             verdicts = {report["verdict"] for report in reports}

@@ -101,16 +101,22 @@ def test_a_killed_conversion_is_never_used_half_done(tmp_path):
     probe(2, "save", "--dir", str(run), "--steps", "1", "--out", str(tmp_path / "saved.pt"))
     checkpoint = run / "checkpoints" / "step_00000001"
     reference = tmp_path / "reference"
-    expected = files_of(reshard.convert(reference, checkpoint)[0])
-    rng = random.Random(11)
     script = (
         "import sys; from pathlib import Path; from pretrain import reshard; "
         "reshard.convert(Path(sys.argv[1]), Path(sys.argv[2]))"
     )
+    # One whole conversion in a fresh process, timed: the kills are placed within that time, not at fixed
+    # seconds, which a fast machine outruns (every kill then lands after the commit).
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", script, str(reference), str(checkpoint)], cwd=ROOT, check=True)
+    whole = time.monotonic() - started
+    expected = files_of(reshard.committed_copy(reference, checkpoint.name, checkpoint))
+    rng = random.Random(11)
     outcomes = set()
-    for _ in range(6):
+    for trial in range(6):
         proc = subprocess.Popen([sys.executable, "-c", script, str(run), str(checkpoint)], cwd=ROOT)
-        time.sleep(rng.uniform(0.5, 4.0))
+        # The first kills land before the conversion could have ended, the last ones around its end.
+        time.sleep(rng.uniform(0.5, 0.9 if trial < 4 else 1.5) * whole)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         found = reshard.committed_copy(run, checkpoint.name, checkpoint)
