@@ -9,7 +9,10 @@ its own RNG and trainer state all carry the step number), then keeps saving furt
 `CheckpointManager` until the parent SIGKILLs the ranks after a seeded random delay, one rank first and the
 others a moment later (as a launcher tears a job down after one rank dies), so the kills land anywhere in a
 save: inside DeepSpeed's writes, between files, at the gathers, before or after the commit marker, during
-pruning. Each trial must resume exactly the newest committed step. It prints one JSON line with the counts.
+pruning. The delay is drawn over a number of saves timed on this machine in the first trial (a fixed delay
+would fall before the first commit on a slow CPU and after many saves on a fast one). Each trial must resume
+exactly the newest committed step, or load nothing while nothing is committed. It prints one JSON line with
+the counts.
 """
 
 from __future__ import annotations
@@ -179,6 +182,35 @@ def kill_all(pids: list[int], rng: random.Random) -> None:
         os.waitpid(pid, 0)
 
 
+def seconds_per_save(directory: Path, saves: int = 4, timeout: float = 300.0) -> float:
+    """Time the first trial's saves, from its first commit over `saves` more, as the trials' time unit."""
+    deadline = time.monotonic() + timeout
+    first: tuple[float, int] | None = None
+    while True:
+        newest, now = newest_committed_step(directory), time.monotonic()
+        if first is None and newest > 0:
+            first = (now, newest)
+        elif first is not None and newest >= first[1] + saves:
+            return (now - first[0]) / (newest - first[1])
+        if now > deadline:
+            raise SystemExit(
+                f"fewer than {saves + 1} saves committed in {timeout:.0f} s: the ranks are stuck"
+            )
+        time.sleep(0.002)
+
+
+def verdict_of(reports: list[dict], newest: int) -> str:
+    """`ok` when every rank loaded the newest committed step whole, or nothing while nothing is committed."""
+    verdicts = {report["verdict"] for report in reports}
+    loaded = {report["step"] for report in reports}
+    if "partial" in verdicts:
+        return "partial"
+    expected = "none" if newest == 0 else "ok"
+    if verdicts != {expected} or len(loaded) != 1:
+        return "failed"
+    return "ok" if loaded == {newest} else "not_newest"
+
+
 def read_report(read_fd: int) -> dict:
     with os.fdopen(read_fd) as pipe:
         line = pipe.readline()
@@ -192,7 +224,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=1, help="ranks per trial (a real gloo group)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--max-delay", type=float, default=0.15, help="seconds of saving before the kill, at most"
+        "--saves", type=float, default=3.0, help="time of saving before the kill, at most, in saves"
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -223,20 +255,17 @@ def main() -> None:
             # The ranks never formed their group (no checkpoint was read): not a trial of the load; again.
             print({"setup_failed": reports}, flush=True)
             kill_all([pid for pid, _ in children], random.Random(0))
-        if index > 0:  # the first trial finds nothing to load
+        if index == 0:  # the first trial finds nothing to load; its saves set the time unit
+            max_delay = args.saves * seconds_per_save(directory)
+            print({"seconds_per_save": max_delay / args.saves}, flush=True)
+        else:
             counts["trials"] += 1
-            verdicts = {report["verdict"] for report in reports}
-            loaded = {report["step"] for report in reports}
-            if "partial" in verdicts:
-                counts["partial_loads"] += 1
-            elif verdicts != {"ok"} or len(loaded) != 1:
-                counts["failed_loads"] += 1
-                print(reports, flush=True)
-            elif loaded != {newest}:
-                counts["not_newest"] += 1
-                print({"newest_committed": newest, "reports": reports}, flush=True)
-            steps |= loaded
-        time.sleep(rng.uniform(0.0, args.max_delay))
+            verdict = verdict_of(reports, newest)
+            if verdict != "ok":
+                counts[{"partial": "partial_loads", "failed": "failed_loads"}.get(verdict, verdict)] += 1
+                print({"verdict": verdict, "newest_committed": newest, "reports": reports}, flush=True)
+            steps |= {report["step"] for report in reports if report["step"]}
+        time.sleep(rng.uniform(0.0, max_delay))
         kill_all([pid for pid, _ in children], rng)
     committed = {p.name for p in CheckpointManager(directory, 1, 0, lambda: None, lambda ok: ok).committed()}
     counts["uncommitted_left"] = sum(
