@@ -1,4 +1,4 @@
-"""The README's demo figures: wall-clock of `python -m pretrain` from nothing, and the CPU training throughput.
+"""The demo figures of docs/measured.md: wall-clock of `python -m pretrain` from nothing and CPU throughput.
 
     python benchmarks/demo.py --out benchmarks/results/demo.json
 

@@ -1,4 +1,4 @@
-"""The README's long-context comparison: what the demo's long-context stage bought, against a control.
+"""The long-context comparison of docs/measured.md: what the demo's long-context stage bought, against a control.
 
     python benchmarks/demo.py --keep /tmp/lc               # runs/demo, from nothing (skip if it exists)
     python benchmarks/long_context.py --workdir /tmp/lc --out benchmarks/results/long_context.json

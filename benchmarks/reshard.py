@@ -1,4 +1,4 @@
-"""The README's resume-across-world-sizes figures: time and disk of the universal conversion.
+"""The resume-across-world-sizes figures of docs/measured.md: time and disk of the universal conversion.
 
     python benchmarks/reshard.py --out benchmarks/results/reshard.json
 
