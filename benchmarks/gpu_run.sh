@@ -55,7 +55,7 @@ export PYTHONPATH=/tmp/site:$PWD
 python3 - <<'PY' || exit 3
 import deepspeed, transformers
 from packaging.version import Version
-from pretrain.versions import check_deepspeed_version
+from pretrain.train.versions import check_deepspeed_version
 check_deepspeed_version(deepspeed.__version__, allow_untested=False)
 if not Version("5.25") <= Version(transformers.__version__) < Version("6"):
     raise SystemExit(f"transformers {transformers.__version__} is not the tested >=5.25,<6: carry its wheel"
@@ -97,13 +97,13 @@ print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_me
     bench first10-debug --experiment debug --ranks 1 --steps 20 --warmup 0 --no-baseline \
       --override deepspeed.precision=bf16
     # 3. loss parity with transformers on CUDA, and compiled FlexAttention's shape bound (GPU-marked tests).
-    python3 -m pytest -q -m gpu tests/pretrain/test_model.py tests/pretrain/test_attention_paths.py 2>&1 |
+    python3 -m pytest -q -m gpu tests/pretrain/model/test_model.py tests/pretrain/model/test_attention_paths.py 2>&1 |
       tee "$out/first10-gpu-tests.txt"
     # 4. the headline: the 1B throughput case (checkpointing off) and its Hugging Face baseline.
     bench first10-1b "${B1[@]}" --micro-batch 2 --override deepspeed.activation_checkpointing=false
     ;;
   smoke)
-    python3 -m pytest -q -m gpu tests/benchmarks tests/pretrain/test_model.py tests/pretrain/test_attention_paths.py \
+    python3 -m pytest -q -m gpu tests/benchmarks tests/pretrain/model/test_model.py tests/pretrain/model/test_attention_paths.py \
       2>&1 | tee "$out/smoke-pytest.txt"
     bench smoke --experiment debug --steps 5 --warmup 3
     ;;

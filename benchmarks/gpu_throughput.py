@@ -4,9 +4,9 @@
         --out results.json [--no-baseline] [--override k=v ...] [--sweep k=v1,v2 ...] [--compile]
 
 Each case runs in fresh rank processes of its own (one per GPU, or `--ranks` gloo ranks on CPU, started like
-pretrain/launch.py does), so memory, compiled kernels and allocator state never leak from one measurement into
+pretrain/train/launch.py does), so memory, compiled kernels and allocator state never leak from one measurement into
 the next. A rank (benchmarks/throughput_case.py) composes the config exactly as `python -m pretrain
-+experiment=<name> <overrides>` would, builds `pretrain.engine.TrainingEngine` (ZeRO-3 model construction,
++experiment=<name> <overrides>` would, builds `pretrain.train.engine.TrainingEngine` (ZeRO-3 model construction,
 optimizer, DeepSpeed engine: the trainer's own code) and drives `TrainingEngine.forward_backward` with synthetic
 token batches of the configured shape, `--grad-accum` micro-batches per optimizer step. Synthetic batches
 isolate the model, ZeRO-3 and the optimizer from data loading, need no tokenizer or shards (nothing to prepare
@@ -19,13 +19,13 @@ attention path (on CUDA, FlexAttention with a document-causal block mask; elsewh
 
 After `--warmup` steps, `--steps` optimizer steps are timed one by one (device synchronized around each).
 Figures: tokens/s = tokens of the timed steps / their total time; TFLOP/s per device = tokens/s x
-`pretrain.model.flops_per_token` (6N + attention) / ranks; MFU = that / `pretrain.metrics.peak_tflops`
+`pretrain.model.transformer.flops_per_token` (6N + attention) / ranks; MFU = that / `pretrain.train.metrics.peak_tflops`
 (989 dense BF16 for H100 SXM and H200; None on CPU); peak memory = the largest `memory_gib()` of any rank.
 The baseline (benchmarks/hf_baseline.py) runs the same shape, DeepSpeed config and optimizer, once for each
 distinct shape among the cases, and every case reports `ratio_vs_baseline` = its tokens/s over the baseline's.
 `--out` is rewritten after every case, so a run cut short keeps what it measured; a failed case (out of memory,
 timeout) is recorded with its error and log tail, the others still run, and the exit code is then 1. Every case
-first asks the trainer's memory check (`pretrain.memory_check`): one that cannot fit this machine is not started
+first asks the trainer's memory check (`pretrain.planning.memory_check`): one that cannot fit this machine is not started
 and becomes a result row with `refused` (the planner's numbers), which is an answer, not a failure.
 `mfu` counts attention over the full T x T square (PaLM's convention); `mfu_computed_attention` counts only the
 causal pairs within each document, the work the kernels do.

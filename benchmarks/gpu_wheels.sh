@@ -10,7 +10,7 @@ dest=${1:-.whl}
 mkdir -p "$dest"
 plat=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any)
-# The tested versions, as pyproject.toml pins them (deepspeed: pretrain/versions.py TESTED_DEEPSPEED).
+# The tested versions, as pyproject.toml pins them (deepspeed: pretrain/train/versions.py TESTED_DEEPSPEED).
 binary=(hydra-core "omegaconf<2.4" datasets dill multiprocess wandb gitpython gitdb smmap sentry-sdk
         pydantic pydantic-core annotated-types typing-inspection platformdirs hjson
         "transformers==5.25.*" "huggingface-hub==2.4.*" "tokenizers==0.23.*" "safetensors==0.8.*")

@@ -3,11 +3,11 @@
 Used by `benchmarks/gpu_throughput.py` inside a rank process of its own. Everything that could make the two
 differ for reasons other than the model code is taken from our own trainer's pieces:
 
-* the shapes: `pretrain.export.llama_config` turns our `ModelConfig` into the LlamaConfig an export would write
+* the shapes: `pretrain.evaluation.export.llama_config` turns our `ModelConfig` into the LlamaConfig an export would write
   (same width, depth, heads, KV heads, FFN width, vocabulary, RoPE), so both models have the same parameters
-  and the same `pretrain.model.flops_per_token`;
-* the engine: `pretrain.engine.deepspeed_config` (ZeRO stage and knobs, BF16, clipping, micro-batch and
-  accumulation) and the same optimizer (`pretrain.engine.parameter_groups`, FusedAdam on CUDA, AdamW on CPU,
+  and the same `pretrain.model.transformer.flops_per_token`;
+* the engine: `pretrain.train.engine.deepspeed_config` (ZeRO stage and knobs, BF16, clipping, micro-batch and
+  accumulation) and the same optimizer (`pretrain.train.engine.parameter_groups`, FusedAdam on CUDA, AdamW on CPU,
   DeepSpeedCPUAdam with optimizer offload);
 * activation checkpointing on every layer when the config asks for it (Hugging Face's own, non-reentrant).
 
@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from pretrain import engine as eng
 from pretrain.batching import BatchLayout
 from pretrain.config import PretrainConfig
-from pretrain.export import llama_config
-from pretrain.hardware import resolve_precision
+from pretrain.evaluation.export import llama_config
+from pretrain.planning.hardware import resolve_precision
+from pretrain.train import engine as eng
 
 
 def hf_llama_config(cfg: PretrainConfig) -> Any:
@@ -53,7 +53,7 @@ def _enable_checkpointing(model: torch.nn.Module) -> None:
 
 
 class HFEngine:
-    """LlamaForCausalLM wrapped by DeepSpeed exactly as `pretrain.engine.TrainingEngine` wraps our model."""
+    """LlamaForCausalLM wrapped by DeepSpeed exactly as `pretrain.train.engine.TrainingEngine` wraps our model."""
 
     def __init__(self, cfg: PretrainConfig, env: eng.DistEnv, layout: BatchLayout):
         import deepspeed

@@ -6,7 +6,7 @@ Runs `python -m pretrain +experiment=debug ...` (2 local ZeRO-3 ranks on CPU, on
 parameter model (`deepspeed.precision=auto`: bf16 on a GPU or a CPU with native bf16, fp32 elsewhere; seq_len 256,
 micro-batch 4, 5 optimizer steps of 2 micro-batches), once with activation
 checkpointing and once without, reads the peak memory the trainer logs in runs/<name>/metrics.jsonl, and
-compares it with `pretrain.memory_model.zero3_memory` for the same composed config.
+compares it with `pretrain.planning.memory_model.zero3_memory` for the same composed config.
 
 What is measured, and why it is comparable:
 
@@ -76,7 +76,7 @@ LEAN_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 EMPTY_RANK = """
 import os, resource, sys, torch, deepspeed, torch.distributed as dist
-from pretrain.engine import shutdown
+from pretrain.train.engine import shutdown
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 dist.barrier()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -91,15 +91,15 @@ def on_cuda() -> bool:
 
 
 def ranks() -> int:
-    from pretrain.launch import default_local_processes
+    from pretrain.train.launch import default_local_processes
 
     return default_local_processes(0)
 
 
 def predicted_bytes(overrides: list[str], world: int, device: str) -> dict[str, Any]:
     from pretrain.config import compose_pretrain_config
-    from pretrain.hardware import resolve_precision
-    from pretrain.memory_model import ParamInventory, Strategy, zero3_memory
+    from pretrain.planning.hardware import resolve_precision
+    from pretrain.planning.memory_model import ParamInventory, Strategy, zero3_memory
 
     cfg = compose_pretrain_config(overrides)
     inventory = ParamInventory.of(cfg.model, cfg.optim)
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
             row["measured_model_gib"], row["predicted_model_gib"] = row["measured_gib"], row["predicted_gib"]
         row["ratio_measured_over_predicted"] = row["measured_model_gib"] / row["predicted_model_gib"]
 
-    from pretrain.hardware import resolve_precision
+    from pretrain.planning.hardware import resolve_precision
 
     precision, why = resolve_precision("auto")
     result = {

@@ -4,7 +4,7 @@
 
 For each model (tiny, the CPU demo's, and 125m) the real trainer runs one optimizer step on 2 ZeRO-3 ranks
 over the embedded corpus and commits a checkpoint; then the same run resumes on 1 rank, which converts that
-checkpoint into its universal copy (`pretrain.reshard`) and trains one more step. Reported per model: the
+checkpoint into its universal copy (`pretrain.checkpoint.reshard`) and trains one more step. Reported per model: the
 checkpoint's size, the universal copy's size, the conversion time (from the trainer's start-up line), and the
 wall-clock of the resumed start.
 """

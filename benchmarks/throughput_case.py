@@ -3,11 +3,11 @@
     python benchmarks/throughput_case.py SPEC.json RESULT.json     # started by gpu_throughput.py, one per rank
 
 The rank composes the config as `python -m pretrain +experiment=<name> <overrides>` would, with a global batch
-of exactly `grad_accum` micro-batches, builds our `pretrain.engine.TrainingEngine` (or the Hugging Face baseline
+of exactly `grad_accum` micro-batches, builds our `pretrain.train.engine.TrainingEngine` (or the Hugging Face baseline
 of benchmarks/hf_baseline.py) and times `warmup + steps` optimizer steps over synthetic batches that already
 sit on the device, synchronizing the device around each step. Rank 0 writes the figures as JSON.
 
-Before building anything the case asks the trainer's memory check (`pretrain.memory_check`, the planner's memory
+Before building anything the case asks the trainer's memory check (`pretrain.planning.memory_check`, the planner's memory
 model against this machine's GPU and host memory). A case that cannot fit is not started: rank 0 writes a result
 row with `refused` (the check's numbers and suggestions) instead of letting the out-of-memory killer end it.
 """
@@ -106,7 +106,7 @@ def synthetic_batch(
     """A packed-looking micro-batch: random tokens, `documents` equal documents per row (0: no document ids)."""
     import torch
 
-    from pretrain.model import positions_from_documents
+    from pretrain.model.rope import positions_from_documents
 
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab_size, (micro, seq_len), generator=gen)
@@ -129,17 +129,17 @@ def document_lengths(seq_len: int, documents: int) -> list[int]:
 
 
 def attention_path(cfg: Any, impl: str, documents: int, cuda: bool) -> str:
-    """Which attention kernel family the case ran, as pretrain.model chooses it."""
+    """Which attention kernel family the case ran, as pretrain.model.transformer chooses it."""
     if impl == "hf":
         return "transformers sdpa, causal"
     if documents == 0:
         return "sdpa is_causal" + (" (flash)" if cuda else "")
-    from pretrain.model import flex_attention
+    from pretrain.model.transformer import flex_attention
 
     auto_flex = cfg.model.attention == "auto" and cuda
     if flex_attention is not None and (cfg.model.attention == "flex" or auto_flex):
         return "flex, document-causal block mask"
-    if documents == 1:  # one document per row needs no mask (pretrain.model.document_mask)
+    if documents == 1:  # one document per row needs no mask (pretrain.model.transformer.document_mask)
         return "sdpa is_causal, one document per row"
     return "sdpa, boolean document mask"
 
@@ -149,8 +149,8 @@ def memory_refusal(cfg: Any, world: int, local_ranks: int) -> str | None:
     config turns the check off (train.check_memory=false)."""
     if not cfg.train.check_memory:
         return None
-    from pretrain.hardware import resolve_precision
-    from pretrain.memory_check import memory_problem
+    from pretrain.planning.hardware import resolve_precision
+    from pretrain.planning.memory_check import memory_problem
 
     precision, _ = resolve_precision(cfg.deepspeed.precision)
     return memory_problem(cfg, world, local_ranks, precision)
@@ -168,8 +168,8 @@ def write_refusal(spec: dict[str, Any], cfg: Any, world: int, problem: str, resu
 
 def build_engine(spec: dict[str, Any], cfg: Any, env: Any) -> tuple[Any, int, dict[str, Any]]:
     """(engine, parameter count, extra result fields) for our trainer or the Hugging Face baseline."""
-    from pretrain import engine as eng
     from pretrain.batching import batch_layout
+    from pretrain.train import engine as eng
 
     layout = batch_layout(
         cfg.train.global_batch_tokens,
@@ -219,8 +219,8 @@ def run_case(spec: dict[str, Any], result_path: Path) -> None:
     import torch.distributed as dist
 
     from data.log import get_logger
-    from pretrain import engine as eng
-    from pretrain.metrics import memory_gib
+    from pretrain.train import engine as eng
+    from pretrain.train.metrics import memory_gib
 
     log = get_logger("benchmarks.throughput_case")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -289,8 +289,8 @@ def write_result(
     """Rank 0: the case's figures, with the timed steps split from the warm-up ones, as JSON."""
     import torch
 
-    from pretrain.metrics import ModelFlops, peak_tflops
-    from pretrain.model import flops_per_token
+    from pretrain.model.flops import ModelFlops, flops_per_token
+    from pretrain.planning.hardware import peak_tflops
 
     cuda = torch.cuda.is_available()
     seq_len = cfg.data.packing.seq_len

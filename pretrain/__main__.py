@@ -8,10 +8,15 @@ import hydra
 from omegaconf import DictConfig
 
 from data.prepare import USER_ERRORS, ensure_data
-from pretrain.app import run_rank
 from pretrain.config import ConfigError, typed_pretrain_config
-from pretrain.launch import accept_launcher_arguments, default_local_processes, spawn_local, under_launcher
-from pretrain.memory_check import ensure_fits
+from pretrain.planning.memory_check import ensure_fits
+from pretrain.train.app import run_rank
+from pretrain.train.launch import (
+    accept_launcher_arguments,
+    default_local_processes,
+    spawn_local,
+    under_launcher,
+)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -7,6 +7,8 @@ group is created, so a wrong value fails at once with a message that names the k
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,8 @@ from data.config import (
     whole_number,
 )
 from pretrain.batching import schedule_layouts
-from pretrain.model_config import ATTENTION_BACKENDS, DTYPE_ALIASES, DTYPES, ModelConfig, dtype_name
+from pretrain.model.config import ATTENTION_BACKENDS, DTYPE_ALIASES, DTYPES, ModelConfig, ModelConfigError
+from pretrain.model.config import dtype_name as _model_dtype_name
 from pretrain.schedule import BatchSchedule
 
 # Pretrain modules take these from here.
@@ -39,6 +42,21 @@ __all__ = [
     "require",
     "whole_number",
 ]
+
+
+@contextmanager
+def model_errors_as_config_errors() -> Iterator[None]:
+    """The model's own errors (it imports nothing of Hydra or `data/`) as the one error every command reports."""
+    try:
+        yield
+    except ModelConfigError as err:
+        raise ConfigError(str(err)) from err
+
+
+def dtype_name(name: str, key: str) -> str:
+    """The canonical dtype name (fp32, bf16, fp16) for `name` or one of its long aliases."""
+    with model_errors_as_config_errors():
+        return _model_dtype_name(name, key)
 
 
 @dataclass
@@ -81,7 +99,7 @@ COUNT_KEYS = (
 
 @dataclass
 class DeepSpeedConfig:
-    """The knobs of the DeepSpeed engine; `pretrain.engine` turns them into DeepSpeed's JSON config."""
+    """The knobs of the DeepSpeed engine; `pretrain.train.engine` turns them into DeepSpeed's JSON config."""
 
     zero_stage: int = 3
     # "auto": bf16 on CUDA and on CPUs with native bf16 matmul, fp32 elsewhere (decided at start, logged).
@@ -106,7 +124,7 @@ class DeepSpeedConfig:
     timeout_minutes: float = 30.0
     # Raw DeepSpeed keys merged last, for anything not modelled above.
     extra: dict[str, Any] = field(default_factory=dict)
-    # Start even on a DeepSpeed outside the tested range (pretrain.versions.TESTED_DEEPSPEED): its gradient
+    # Start even on a DeepSpeed outside the tested range (pretrain.train.versions.TESTED_DEEPSPEED): its gradient
     # scaling and internals were not verified by the test suite; the start-up gradient-scale probe still runs.
     allow_untested_version: bool = False
 
@@ -263,7 +281,8 @@ class PretrainConfig:
     def validate(self) -> None:
         self.tokenizer.validate("tokenizer")
         self.data.validate("data")
-        self.model.validate("model")
+        with model_errors_as_config_errors():
+            self.model.validate("model")
         self.optim.validate("optim")
         self.deepspeed.validate("deepspeed")
         self.train.validate("train")

@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
+import pretrain.checkpoint.reshard as reshard
 from data.atomic_io import atomic_write_text, fsync_dir
 from data.log import get_logger
-from pretrain import reshard
 from pretrain.checkpoint.run_dir import (
     BROKEN_DIR,
     CONFIG_FILE,
@@ -142,11 +142,11 @@ class CheckpointManager:
         seed: int = 0,
     ):
         """`barrier`, `all_ranks_ok` and `all_gather` (every rank's object, in rank order, on every rank) are the
-        trainer's collectives (`pretrain.engine`); a single process may leave out `all_gather`."""
+        trainer's collectives (`pretrain.train.engine`); a single process may leave out `all_gather`."""
         if all_gather is None:
             if world_size != 1:
                 raise ValueError(
-                    f"CheckpointManager: world_size={world_size} needs all_gather (pretrain.engine."
+                    f"CheckpointManager: world_size={world_size} needs all_gather (pretrain.train.engine."
                     "all_gather_object) so that rank 0 commits only a checkpoint every rank reported complete"
                 )
             all_gather = _single_process_gather
@@ -223,7 +223,7 @@ class CheckpointManager:
         """Restore the newest usable checkpoint into `engine` and this rank's RNG; None when there is none.
 
         A checkpoint written by another number of ranks is loaded through its universal copy
-        (`pretrain.reshard`), converted by rank 0 on first use. A broken newest checkpoint (missing or truncated
+        (`pretrain.checkpoint.reshard`), converted by rank 0 on first use. A broken newest checkpoint (missing or truncated
         file, failed load) falls back to the previous one with a warning. Every rank reaches the same decision
         because they all check the same files. The broken ones newer than the one resumed are moved to
         `runs/<name>/broken_checkpoints/`: left in place they would count as the newest, and retention would

@@ -22,7 +22,7 @@ from pretrain.checkpoint.run_dir import (
     usable_checkpoints,
 )
 from pretrain.config import ModelConfig, PretrainConfig
-from pretrain.model import Transformer
+from pretrain.model.transformer import Transformer
 
 log = get_logger(__name__)
 

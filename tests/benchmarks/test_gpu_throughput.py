@@ -17,7 +17,7 @@ import torch
 from benchmarks import gpu_throughput as bench
 from benchmarks import throughput_case as case
 from pretrain.config import compose_pretrain_config
-from pretrain.model import flops_per_token
+from pretrain.model.flops import flops_per_token
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_throughput.py"
@@ -244,7 +244,7 @@ def test_gpu_run_cases_fit_the_lent_machines(experiment, overrides, grad_accum, 
     from dataclasses import fields
 
     from pretrain.config import PretrainConfig
-    from pretrain.plan import ClusterConfig, PlanConfig, build_plan
+    from pretrain.planning.plan import ClusterConfig, PlanConfig, build_plan
 
     seq = [] if experiment == "debug" else ["data.packing.seq_len=4096"]
     cfg = case.compose_case_config(experiment, [*seq, *overrides], grad_accum, 1)

@@ -12,12 +12,12 @@ import yaml
 
 from data.cli import CONF_DIR
 from data.config import ConfigError
-from pretrain import hardware
 from pretrain.batching import batch_layout
 from pretrain.config import compose_pretrain_config
-from pretrain.engine import deepspeed_config
-from pretrain.hardware import native_bf16, resolve_precision
-from pretrain.model import Transformer
+from pretrain.model.transformer import Transformer
+from pretrain.planning import hardware
+from pretrain.planning.hardware import native_bf16, resolve_precision
+from pretrain.train.engine import deepspeed_config
 from tests.helpers import ROOT
 
 CONF = Path(CONF_DIR)

@@ -164,7 +164,7 @@ def test_pretrain_script_runs_one_rank_per_task_with_a_shared_rendezvous(
 PROCESS_GROUP_CHECK = """
 import torch
 import torch.distributed as dist
-from pretrain.engine import init_distributed, shutdown
+from pretrain.train.engine import init_distributed, shutdown
 
 env = init_distributed(1)
 total = torch.tensor([env.rank + 1.0])

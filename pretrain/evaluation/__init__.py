@@ -1,0 +1,1 @@
+"""What reads a finished run: perplexity, the long-context suite, sampling, and export to Hugging Face."""

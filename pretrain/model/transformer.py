@@ -1,0 +1,304 @@
+"""A LLaMA-style decoder-only transformer, readable top to bottom.
+
+Pre-norm RMSNorm, rotary position embeddings (RoPE; for long contexts a larger base, position interpolation or
+YaRN), grouped-query attention, a SwiGLU feed-forward block, no biases and no dropout. Weight names and the
+RoPE layout (rotate-half) follow Hugging Face's Llama, so an export is a rename and nothing more.
+
+Packed batches carry `document_ids` and `position_ids`; attention then never crosses a document. On CUDA this
+uses FlexAttention with a document-causal block mask (memory linear in the sequence length), compiled for a
+bounded set of shapes (`pretrain.model.flex_compile`); elsewhere a boolean [B, 1, T, T] mask goes to
+scaled_dot_product_attention, but only when some row really holds several documents: a batch of one document
+per row is plain causal attention (`is_causal=True`), which SDPA runs with its flash or memory-efficient kernels.
+An arbitrary mask rules flash out, and for grouped-query attention on CUDA that leaves the math kernel, which
+builds the whole [B, H, T, S] score tensor.
+
+For generation, a `KVCache` keeps past keys and values so each new token costs one position, not the whole
+prefix; without a cache (training) nothing changes. The prefill is causal attention without a mask, and a single
+new token attends to every cached key without a mask either.
+
+Nothing here knows about DeepSpeed: the engine wraps the model, and activation checkpointing is injected from
+outside through `Transformer.set_activation_checkpointing`. Every module initializes its own weights inside its
+`__init__`, so building the model under `deepspeed.zero.Init` (which partitions each module's parameters as soon
+as its `__init__` returns) yields correctly initialized shards without gathering anything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pretrain.model.config import ModelConfig
+from pretrain.model.flex_compile import BatchPadding, ShapeBoundedCompile, pad_rows
+from pretrain.model.kv_cache import KVCache
+from pretrain.model.rope import Yarn, apply_rope, positions_from_documents, rope_tables
+
+# Labels of positions without a target (padding, a document's first token): torch's cross_entropy default,
+# and what `data.loader` writes (a test checks the two agree).
+IGNORE_INDEX = -100
+
+try:  # FlexAttention arrived in torch 2.5; without it the boolean-mask path is used everywhere.
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - depends on the installed torch
+    BlockMask = create_block_mask = flex_attention = None
+
+
+class Linear(nn.Linear):
+    """A bias-free linear layer initialized from normal(0, std) inside its own `__init__`."""
+
+    def __init__(self, in_features: int, out_features: int, std: float) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+
+
+class Embedding(nn.Embedding):
+    """A token embedding initialized from normal(0, std) inside its own `__init__`."""
+
+    def __init__(self, num_embeddings: int, dim: int, std: float) -> None:
+        super().__init__(num_embeddings, dim)
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back (as Hugging Face's Llama does)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+# The mask value that lets every query see every key: one new token decoding against the whole cache.
+ATTEND_ALL = "attend_all"
+
+_compiled: dict[str, ShapeBoundedCompile] = {}
+_flex_batches = BatchPadding()  # FlexAttention batches are padded up to the largest seen at their length
+
+
+def _on_cuda(fn: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
+    """`fn` compiled on CUDA (eager FlexAttention and eager block masks materialize T x T tensors), for a
+    bounded number of input shapes: a shape past the budget raises instead of silently running eagerly."""
+    if device.type != "cuda":
+        return fn
+    if fn.__name__ not in _compiled:
+        _compiled[fn.__name__] = ShapeBoundedCompile(fn)
+    return _compiled[fn.__name__]
+
+
+def has_document_boundary(document_ids: torch.Tensor) -> bool:
+    """Whether some row holds more than one document (padding counts as one): only then is a mask needed."""
+    return bool((document_ids[:, 1:] != document_ids[:, :-1]).any())
+
+
+def document_mask(cfg: ModelConfig, document_ids: torch.Tensor | None) -> Any:
+    """The attention mask for a batch: None (plain causal), a FlexAttention BlockMask, or a bool [B,1,T,T].
+
+    Padding (document id -1) attends only to earlier padding, so no row is ever fully masked. A BlockMask may
+    have more rows than the batch: a smaller batch is padded with padding rows up to the largest batch seen at
+    its length, so the tail batches of an evaluation reuse the compiled kernel of the full ones.
+    """
+    if document_ids is None:
+        return None
+    use_flex = flex_attention is not None and (
+        cfg.attention == "flex" or (cfg.attention == "auto" and document_ids.is_cuda)
+    )
+    batch, length = document_ids.shape
+    if use_flex:
+        rows = _flex_batches.pad_batch(batch, (length, str(document_ids.device)))
+        ids = pad_rows(document_ids, rows, -1)
+
+        def document_causal(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (ids[b, q_idx] == ids[b, kv_idx])
+
+        make_mask = _on_cuda(create_block_mask, document_ids.device)
+        return make_mask(document_causal, rows, None, length, length, device=document_ids.device)
+    if not has_document_boundary(document_ids):
+        return None  # one document per row: plain causal attention, no mask
+    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]
+    return (causal & same_document)[:, None]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE; n_heads query heads share n_kv_heads key/value heads."""
+
+    def __init__(self, cfg: ModelConfig, layer_index: int = 0) -> None:
+        super().__init__()
+        self.layer_index = layer_index  # its slot in a KVCache
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
+        self.k_proj = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.v_proj = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, out_std)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(self.layer_index, k, v)
+        gqa = self.n_kv_heads != self.n_heads
+        if BlockMask is not None and isinstance(mask, BlockMask):
+            rows = mask.shape[0]  # the mask may cover a padded batch (see document_mask)
+            q, k, v = pad_rows(q, rows), pad_rows(k, rows), pad_rows(v, rows)
+            out = _on_cuda(flex_attention, q.device)(q, k, v, block_mask=mask, enable_gqa=gqa)[:batch]
+        elif mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif isinstance(mask, str) and mask == ATTEND_ALL:
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = Linear(cfg.dim, cfg.ffn_dim, cfg.init_std)
+        self.up_proj = Linear(cfg.dim, cfg.ffn_dim, cfg.init_std)
+        self.down_proj = Linear(cfg.ffn_dim, cfg.dim, cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_index: int = 0) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer_index)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """The decoder: embeddings, `layers` (an nn.ModuleList of Blocks), a final norm and the output head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.dim, cfg.init_std)
+        self.layers = nn.ModuleList(Block(cfg, index) for index in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, cfg.init_std)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.checkpoint_fn: Callable[..., torch.Tensor] | None = None
+        self.checkpoint_every = 1
+
+    def set_activation_checkpointing(self, fn: Callable[..., torch.Tensor] | None, every_n: int = 1) -> None:
+        """Recompute every `every_n`-th block in backward: forward calls `fn(block, x, cos, sin, mask)`.
+
+        `fn` is e.g. `deepspeed.checkpointing.checkpoint` or `functools.partial(torch.utils.checkpoint.checkpoint,
+        use_reentrant=False)`; None turns checkpointing off.
+        """
+        if every_n < 1:
+            raise ValueError(f"every_n must be at least 1, got {every_n}")
+        self.checkpoint_fn, self.checkpoint_every = fn, every_n
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """Logits [B, T, V], or with `labels` (IGNORE_INDEX skipped) the next-token cross-entropy: its mean
+        over the targets, or with `reduction="sum"` its sum (the trainer normalises by the global batch).
+
+        `labels` are already shifted: labels[:, t] is the target for the prediction at position t. With a
+        `cache`, `input_ids` continue the cached sequence: positions start at `cache.length`, attention sees
+        the cached keys too, and the cache grows by T.
+        """
+        cfg = self.cfg
+        batch, length = input_ids.shape
+        if length > cfg.max_seq_len:
+            raise ValueError(f"sequence length {length} exceeds model.max_seq_len={cfg.max_seq_len}")
+        past = 0 if cache is None else cache.length
+        if cache is not None and document_ids is not None:
+            raise ValueError("document_ids (packed batches) cannot be combined with a KV cache")
+        if position_ids is None:
+            if document_ids is None:
+                positions = torch.arange(past, past + length, device=input_ids.device)
+                position_ids = positions.expand(batch, length)
+            else:
+                position_ids = positions_from_documents(document_ids)
+        cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, Yarn.of(cfg))
+        if cache is None:
+            mask = document_mask(cfg, document_ids)
+        elif past == 0:  # prefill: the cache holds exactly this input's keys, so plain causal attention
+            mask = None
+        elif length == 1:  # one new token may see every cached key, itself included
+            mask = ATTEND_ALL
+        else:  # query t (position past + t) sees every key up to and including its own position
+            mask = torch.ones(length, past + length, dtype=torch.bool, device=input_ids.device).tril(past)
+
+        x = self.embed_tokens(input_ids)
+        for index, layer in enumerate(self.layers):
+            if cache is not None:
+                x = layer(x, cos, sin, mask, cache)
+            elif self.checkpoint_fn is not None and index % self.checkpoint_every == 0:
+                x = self.checkpoint_fn(layer, x, cos, sin, mask)
+            else:
+                x = layer(x, cos, sin, mask)
+        if cache is not None:
+            cache.length += length
+        x = self.norm(x)
+        if labels is None:
+            return self.lm_head(x)
+        total = self.loss(x, labels)
+        if reduction == "sum":
+            return total
+        if reduction != "mean":
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy over the non-ignored labels, without fp32 logits for the whole batch.
+
+        Rows are processed `loss_chunk_size` at a time; while training each chunk is recomputed in backward,
+        so only the hidden states are kept, never a [B*T, V] tensor of logits or log-probabilities.
+        """
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        labels = labels.reshape(-1)
+        chunk = self.cfg.loss_chunk_size or hidden.shape[0]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            piece, targets = hidden[start : start + chunk], labels[start : start + chunk]
+            if torch.is_grad_enabled() and chunk < hidden.shape[0]:
+                total = total + checkpoint(self._loss_sum, piece, targets, use_reentrant=False)
+            else:
+                total = total + self._loss_sum(piece, targets)
+        return total
+
+    def _loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden).float()
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")

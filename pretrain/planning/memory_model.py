@@ -1,0 +1,303 @@
+"""Memory per rank of a DeepSpeed ZeRO-3 run of `pretrain.model.transformer.Transformer`, before launching it.
+
+Two parts, both in bytes:
+
+* Model state, from the exact parameter list of the model built on the meta device: the parameter shard in the
+  training precision (bf16: 2 bytes), the gradient shard in `deepspeed.gradient_dtype` (fp32 by default: 4
+  bytes, where the micro-batches accumulate), the fp32 master weights and the two fp32 Adam moments (2 + 4 + 4
+  + 8 bytes per parameter, each parameter padded to a multiple of the world size and split over it), plus what
+  DeepSpeed keeps whole on every rank: parameters under `stage3_param_persistence_threshold`, the gathered
+  parameters (live set bounded by `stage3_max_live_parameters` plus the prefetch bucket, and the flat buffer of
+  a coalesced all-gather), the reduce bucket (in the gradient dtype, which is also the reduce-scatter's), and
+  the fp32 gradient of one optimizer sub-group (`sub_group_size`) in the step. With `offload_optimizer` the
+  shards of gradients, master weights and moments live in host memory (plus an fp32 gradient copy for the CPU
+  Adam); with `offload_param` the parameter shard does too.
+* Activations, from the tensors autograd saves in this model's layers (pre-norm RMSNorm in fp32, RoPE, GQA with
+  a flash-style kernel that keeps no T x T matrix, SwiGLU), with and without per-layer recomputation, and the
+  chunked fp32 loss. The activation formulas are checked against a measured peak in tests/pretrain/planning/test_plan.py,
+  the whole estimate against the real trainer in benchmarks/plan_vs_measured.py.
+
+The result is what `torch.cuda.max_memory_allocated` would show; `pretrain.planning.plan` adds the CUDA context and
+allocator headroom before comparing with a GPU's capacity. `device="cpu"` models the CPU ranks of the tests
+instead (untouched `torch.empty` pages are not resident; the step uses torch's foreach AdamW).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from pretrain.config import DeepSpeedConfig, OptimConfig
+from pretrain.model.transformer import ModelConfig, Transformer
+
+BF16, FP32 = 2, 4
+GIB = 2**30
+DEFAULT_SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's default `zero_optimization.sub_group_size`
+
+
+@dataclass(frozen=True)
+class ParamInventory:
+    """The parameters as DeepSpeed sees them: every tensor's size, grouped like the optimizer's groups."""
+
+    numels: tuple[int, ...]
+    # Sizes per AdamW parameter group (decay, no decay), in the order DeepSpeed forms its sub-groups.
+    groups: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, model: ModelConfig, optim: OptimConfig) -> ParamInventory:
+        from pretrain.model.parameter_groups import parameter_groups  # imports no DeepSpeed at module level
+
+        with torch.device("meta"):
+            module = Transformer(model)
+        groups = parameter_groups(module, optim.weight_decay, optim.decay_norms_and_embeddings)
+        return cls(
+            numels=tuple(p.numel() for p in module.parameters()),
+            groups=tuple(tuple(p.numel() for p in g["params"]) for g in groups if g["params"]),
+        )
+
+    @property
+    def total(self) -> int:
+        return sum(self.numels)
+
+    @property
+    def largest(self) -> int:
+        return max(self.numels)
+
+    def shard(self, world: int) -> int:
+        """Elements one rank holds: each tensor padded to a multiple of `world`, then split."""
+        return sum(math.ceil(n / world) for n in self.numels)
+
+    def persistent(self, threshold: int) -> int:
+        """Elements of the tensors small enough that ZeRO-3 keeps them whole on every rank."""
+        return sum(n for n in self.numels if n <= threshold)
+
+    def sub_groups(self, world: int, sub_group_size: int) -> list[int]:
+        """One rank's optimizer sub-groups (elements): shards accumulated per group until `sub_group_size`."""
+        sizes = []
+        for group in self.groups:
+            current = 0
+            for n in group:
+                current += math.ceil(n / world)
+                if current >= sub_group_size:
+                    sizes.append(current)
+                    current = 0
+            if current:
+                sizes.append(current)
+        return sizes
+
+
+@dataclass(frozen=True)
+class ActivationMemory:
+    """Activation bytes of one micro-batch on one rank."""
+
+    layer_full: int  # what one layer saves for backward without recomputation
+    layer_checkpointed: int  # what it keeps with recomputation: its input
+    saved: int  # everything kept from the end of forward into backward
+    forward_extra: int  # the largest transient on top of `saved` at the end of forward (the loss)
+    backward_extra: int  # the largest transient on top of `saved` during backward
+    checkpointed_layers: int
+
+    @property
+    def peak(self) -> int:
+        return self.saved + self.backward_extra
+
+
+def activation_memory(
+    model: ModelConfig,
+    micro_batch: int,
+    seq_len: int,
+    checkpoint_every: int,
+    dense_mask: bool,
+    precision: str = "bf16",
+) -> ActivationMemory:
+    """Saved activations and backward peak; `checkpoint_every` 0 = no recomputation, n = every n-th layer.
+
+    Per layer (bf16 unless noted, fp32 throughout when training in fp32; b*t*h elements = one hidden state):
+      two RMSNorms: fp32 input + normalized bf16 + scaled output        8 + 8 bytes per element of b*t*h
+      attention: q, k, v after RoPE (k, v scaled by kv_heads/heads), the kernel's output, o_proj's input
+      SwiGLU: gate, silu(gate), up, their product                       4 x 2 bytes per element of b*t*ffn
+    Recomputation keeps each checkpointed layer's input (2 bytes per b*t*h) and, in backward, one layer's full
+    activations at a time. The loss upcasts `loss_chunk_size` rows of logits to fp32 at a time (recomputed in
+    backward), or keeps fp32 log-probabilities of the whole micro-batch when it is not chunked.
+    """
+    act = BF16 if precision == "bf16" else FP32  # bytes of an activation stored in the training dtype
+    b, t, h, v = micro_batch, seq_len, model.dim, model.vocab_size
+    bth, btf = b * t * h, b * t * model.ffn_dim
+    kv_ratio = model.kv_heads / model.n_heads
+    norms = 2 * (FP32 + act + act) * bth
+    attention = (3 * act + 2 * act * kv_ratio) * bth + FP32 * b * model.n_heads * t  # + log-sum-exp
+    layer_full = int(norms + attention + 4 * act * btf)
+    layer_checkpointed = act * bth
+
+    layers = model.n_layers
+    checkpointed = 0 if checkpoint_every <= 0 else math.ceil(layers / checkpoint_every)
+    rope_tables = 2 * FP32 * b * t * model.head_dim
+    mask = b * t * t if dense_mask else 0  # the boolean [B, 1, T, T] document mask of the SDPA path
+    final_norm = (FP32 + act + act) * bth
+    rows = b * t
+    chunk = model.loss_chunk_size
+    if chunk == 0 or chunk >= rows:
+        # One piece: fp32 log-probabilities kept; fp32 logits in forward, two fp32 gradients in backward.
+        loss_saved, loss_forward, loss_backward = FP32 * rows * v, FP32 * rows * v, 2 * FP32 * rows * v
+    else:
+        # Chunks recomputed in backward: logits, log-probabilities and their gradients, a chunk at a time.
+        loss_saved, loss_forward, loss_backward = 0, 2 * FP32 * chunk * v, 4 * FP32 * chunk * v
+    saved = (
+        checkpointed * layer_checkpointed
+        + (layers - checkpointed) * layer_full
+        + final_norm
+        + rope_tables
+        + mask
+        + loss_saved
+    )
+    # Backward of a recomputed layer holds its activations; without recomputation the SwiGLU gradients
+    # (two b*t*ffn tensors) are the largest transient.
+    layer_backward = layer_full if checkpointed else 2 * act * btf
+    return ActivationMemory(
+        layer_full=layer_full,
+        layer_checkpointed=layer_checkpointed,
+        saved=int(saved),
+        forward_extra=int(loss_forward),
+        backward_extra=int(max(layer_backward, loss_backward)),
+        checkpointed_layers=checkpointed,
+    )
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """The memory-relevant choices a plan compares."""
+
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    checkpointing: bool = True
+
+    @property
+    def label(self) -> str:
+        offload = "params+optimizer offload" if self.offload_param else "optimizer offload"
+        offload = offload if (self.offload_optimizer or self.offload_param) else "no offload"
+        return f"{offload}, {'checkpointing' if self.checkpointing else 'no checkpointing'}"
+
+    @classmethod
+    def of(cls, ds: DeepSpeedConfig) -> Strategy:
+        return cls(ds.offload_optimizer == "cpu", ds.offload_param == "cpu", ds.activation_checkpointing)
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per rank. Device memory: `resident` terms are held all the time; on top of them the largest of the
+    `phases` (forward, backward, optimizer step) sets the peak. `cpu`: host memory the rank needs."""
+
+    strategy: Strategy
+    resident: dict[str, int] = field(default_factory=dict)
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)
+    cpu: dict[str, int] = field(default_factory=dict)
+    activations: ActivationMemory | None = None
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda name: sum(self.phases[name].values()))
+
+    @property
+    def gpu_peak(self) -> int:
+        return sum(self.resident.values()) + sum(self.phases[self.peak_phase].values())
+
+    @property
+    def cpu_total(self) -> int:
+        return sum(self.cpu.values())
+
+
+def _pinned(nbytes: int, device: str) -> int:
+    """torch's pinned host allocator rounds every block up to a power of two (CUDA hosts only)."""
+    if device != "cuda" or nbytes <= 0:
+        return nbytes
+    return 1 << (nbytes - 1).bit_length()
+
+
+def zero3_memory(
+    inventory: ParamInventory,
+    model: ModelConfig,
+    ds: DeepSpeedConfig,
+    world: int,
+    micro_batch: int,
+    seq_len: int,
+    strategy: Strategy,
+    device: str = "cuda",
+    precision: str = "bf16",
+) -> MemoryEstimate:
+    """Peak bytes per rank for one ZeRO stage-3 configuration (stages 0-2 with the same per-byte model), training
+    in `precision` ("bf16" or "fp32", as resolved from `deepspeed.precision`)."""
+    stage, total = ds.zero_stage, inventory.total
+    pbytes = BF16 if precision == "bf16" else FP32
+    gbytes = BF16 if precision == "bf16" and ds.gradient_dtype == "bf16" else FP32
+    pname, gname = f"{precision} parameter shard", f"{'bf16' if gbytes == BF16 else 'fp32'} gradient shard"
+    shard = inventory.shard(world)
+    param_shard = shard if stage == 3 else total
+    grad_shard = shard if stage >= 2 else total
+    optim_shard = shard if stage >= 1 else total
+    sub_group_size = int(ds.extra.get("zero_optimization", {}).get("sub_group_size", DEFAULT_SUB_GROUP_SIZE))
+    sub_groups = inventory.sub_groups(world if stage >= 1 else 1, sub_group_size)
+    largest_sub_group = max(sub_groups)
+    est = MemoryEstimate(strategy)
+    resident, cpu = est.resident, est.cpu
+
+    if strategy.offload_param and stage == 3:
+        cpu[pname] = _pinned(pbytes * param_shard, device)
+    else:
+        resident[pname] = pbytes * param_shard
+    if strategy.offload_optimizer:
+        cpu[gname] = _pinned(gbytes * grad_shard, device)
+        cpu["fp32 gradient copy"] = sum(_pinned(FP32 * n, device) for n in sub_groups)
+        cpu["fp32 master weights"] = FP32 * optim_shard
+        cpu["Adam moments (fp32)"] = 2 * FP32 * optim_shard
+    else:
+        resident[gname] = gbytes * grad_shard
+        resident["fp32 master weights"] = FP32 * optim_shard
+        resident["Adam moments (fp32)"] = 2 * FP32 * optim_shard
+    persistent = 0
+    if stage == 3:
+        persistent = inventory.persistent(ds.stage3_param_persistence_threshold)
+        resident["persistent parameters (whole)"] = pbytes * persistent
+    # The reduce bucket is allocated with torch.empty: whole on a GPU, only its written part resident on CPU.
+    bucket_used = min(ds.reduce_bucket_size, total)
+    resident["reduce bucket"] = gbytes * (ds.reduce_bucket_size if device == "cuda" else bucket_used)
+    acts = activation_memory(
+        model,
+        micro_batch,
+        seq_len,
+        ds.checkpoint_every_n_layers if strategy.checkpointing else 0,
+        dense_mask=device != "cuda" or model.attention == "sdpa",
+        precision=precision,
+    )
+    est.activations = acts
+    gathered = flat = 0
+    if stage == 3:
+        # Gathered parameters stay until their next use is further away than max_reuse_distance (so a model
+        # smaller than that stays whole from the second step on); max_live_parameters bounds the set, checked
+        # before each prefetch, so a prefetch bucket can come on top. A coalesced all-gather lands in one flat
+        # bf16 buffer that is copied out per parameter, so both exist for a moment.
+        gathered = pbytes * min(
+            total - persistent, ds.stage3_max_live_parameters + ds.stage3_prefetch_bucket_size
+        )
+        flat = pbytes * min(total - persistent, ds.stage3_prefetch_bucket_size + inventory.largest)
+    est.phases["forward"] = {
+        "gathered parameters": gathered,
+        "all-gather buffer": flat,
+        "activations": acts.saved + acts.forward_extra,
+    }
+    # In backward the gathered set only shrinks; a tensor's full bf16 gradient waits to be copied into the bucket.
+    est.phases["backward"] = {
+        "gathered parameters": gathered,
+        "activations": acts.peak,
+        "gradient before the bucket": pbytes * inventory.largest,
+    }
+    if not strategy.offload_optimizer:
+        # Per sub-group: gradients flattened, then cast to fp32; torch's foreach AdamW (CPU ranks) makes one
+        # more fp32 temporary, DeepSpeed's FusedAdam (GPU) none.
+        optimizer_temp = FP32 * largest_sub_group if device != "cuda" else 0
+        est.phases["optimizer step"] = {
+            "fp32 gradients of a sub-group": FP32 * largest_sub_group,
+            "flatten / optimizer temporaries": max(gbytes * largest_sub_group, optimizer_temp),
+        }
+    return est

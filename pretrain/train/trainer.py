@@ -1,0 +1,422 @@
+"""The training loop: schedules in tokens, gradient accumulation, validation, logging, checkpoints, resume."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.loader import IGNORE_INDEX, GlobalBatchLoader, split_micro_batches
+from data.log import get_logger, progress_enabled
+from data.mixture import MixtureDataset
+from data.tokenizer import TokenizerInfo, load_tokenizer
+from pretrain.batching import schedule_layouts
+from pretrain.checkpoint import DEEPSPEED_FILE, SUMMARY_FILE, CheckpointManager, RunDir, config_yaml, tag_for
+from pretrain.config import ConfigError, PretrainConfig
+from pretrain.evaluation.generate import SamplingConfig, continuation, encode_prompt, generate
+from pretrain.evaluation.long_eval import held_out_documents
+from pretrain.evaluation.long_report import (
+    LongContextSettings,
+    format_summary,
+    headline_metrics,
+    long_context_report,
+    write_plots,
+)
+from pretrain.model.flops import ModelFlops, attended_pairs
+from pretrain.planning.hardware import peak_tflops
+from pretrain.schedule import LRSchedule
+from pretrain.train import engine as eng
+from pretrain.train.faults import FaultDrills, StopRequest
+from pretrain.train.metrics import SpikeDetector, Throughput, memory_gib
+from pretrain.train.stages import choose_data_start, parent_to_start_from, start_from_parent, tokenizer_record
+from pretrain.train.tracking import RunTracker, wandb_run_id
+
+log = get_logger(__name__)
+
+
+@dataclass
+class TrainerState:
+    """Everything besides the engine that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    tokens: int = 0
+    loader: dict[str, Any] = field(default_factory=dict)
+    wandb_run_id: str = ""
+    skipped_steps: int = 0
+    batch_tokens: int = 0
+    # Real target tokens (labels that are not IGNORE_INDEX), beside `tokens`, which counts slots with padding.
+    target_tokens: int = 0
+    # The tokenizer this run trains with ({"fingerprint", "vocab_size"}); a stage checks its parent's record.
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Trainer:
+    """Build everything for one rank, then `fit()`; call `close()` in a `finally`."""
+
+    def __init__(self, cfg: PretrainConfig, env: eng.DistEnv):
+        self.cfg = cfg
+        self.env = env
+        self.run_dir = Path(cfg.run_dir)
+        self.seq_len = cfg.data.packing.seq_len
+        self.tokenizer, self.tok_info = load_tokenizer(cfg.tokenizer.dir)
+        _check_vocab(cfg, self.tok_info)
+        self.lr = LRSchedule(
+            cfg.optim.lr, cfg.optim.warmup_tokens, cfg.train.total_tokens, cfg.optim.min_lr_ratio
+        )
+        self.batch = cfg.batch_schedule()
+        # Every size the batch grows through, checked now rather than at the first growth step.
+        self.layouts = schedule_layouts(
+            self.batch.sizes(), self.seq_len, cfg.train.micro_batch_size, env.world_size
+        )
+
+        # The parent is checked before any costly build: the data, then the engine.
+        parent = parent_to_start_from(cfg, self.tok_info)
+        planned = -(-cfg.train.total_tokens // self.seq_len)
+        self.train_data = MixtureDataset.from_tokenizer(
+            cfg.data, self.tok_info, split="train", planned_samples=planned
+        )
+        data_start = None
+        if parent is not None:
+            data_start = choose_data_start(cfg, parent, self.train_data.fingerprint())
+            if data_start.position:
+                self.train_data.plan_samples(data_start.position + planned)
+        val_data = MixtureDataset.from_tokenizer(cfg.data, self.tok_info, split="val")
+        self.val_sources = {name: val_data.for_source(name) for name in cfg.data.sources}
+        self.loader = GlobalBatchLoader(self.train_data, rank=env.rank, world_size=env.world_size)
+
+        torch.manual_seed(cfg.train.seed)  # the same init on every rank: ZeRO-3 keeps each rank's slice of it
+        self.engine = eng.TrainingEngine(cfg, env, self.layouts[self.batch(0)])
+        local, total = self.engine.local_parameter_count()
+        per_rank = [0.0] * env.world_size
+        per_rank[env.rank] = float(local)
+        per_rank = [int(x) for x in eng.all_reduce_sum(per_rank, self.engine_device())]
+        log.info(
+            "model %s: %.2fM parameters, %.2fM on this rank (ZeRO-%d over %d ranks)",
+            cfg.model.name,
+            total / 1e6,
+            local / 1e6,
+            cfg.deepspeed.zero_stage,
+            env.world_size,
+        )
+        self.checkpoints = CheckpointManager(
+            self.run_dir,
+            cfg.train.keep_checkpoints,
+            env.rank,
+            eng.barrier,
+            self._all_ranks_ok,
+            all_gather=eng.all_gather_object,
+            config_text=config_yaml(cfg),
+            world_size=env.world_size,
+            seed=cfg.train.seed,
+        )
+        if env.is_main:
+            run = RunDir(self.run_dir)
+            run.write_config(cfg)
+            run.write_json(
+                SUMMARY_FILE,
+                {
+                    "parameters": total,
+                    "parameters_per_rank": per_rank,
+                    "world_size": env.world_size,
+                    "weight_decay_parameters": self.engine.decay_parameter_names,
+                },
+            )
+            run.write_json(DEEPSPEED_FILE, self.engine.ds_config)
+        self.state = TrainerState()
+        resumed = self.checkpoints.load_latest(self.engine)
+        if resumed is not None:
+            if "target_tokens" not in resumed:
+                log.warning(
+                    "the checkpoint predates target-token counting: train/target_tokens_total counts from 0"
+                )
+            self.state = TrainerState(**resumed)
+            self.loader.load_state_dict(self.state.loader)
+        elif parent is not None and data_start is not None:
+            start_from_parent(cfg, parent, self.engine, self.checkpoints, env.is_main, data_start)
+            if data_start.mode == "continue":
+                self.loader.load_state_dict(data_start.parent_loader)  # checks the order's fingerprint again
+        self.state.tokenizer = tokenizer_record(self.tok_info)
+        if env.is_main:
+            run_id = self.state.wandb_run_id or wandb_run_id(self.run_dir)
+        else:
+            run_id = ""
+        self.state.wandb_run_id = eng.broadcast_object(run_id)
+        self.tracker: RunTracker | None = None
+        if env.is_main:
+            self.tracker = RunTracker(
+                cfg,
+                self.run_dir,
+                self.state.wandb_run_id,
+                mode=cfg.logging.wandb_mode,
+                project=cfg.logging.wandb_project,
+                entity=cfg.logging.wandb_entity,
+            )
+            self.tracker.truncate_after(self.state.step)
+        self.throughput = Throughput(
+            ModelFlops.of(cfg.model, self.seq_len), env.world_size, peak_tflops(cfg.logging.peak_tflops)
+        )
+        self.spikes = SpikeDetector(cfg.logging.spike_window, cfg.logging.spike_sigma)
+        self.bad_in_a_row = 0
+        self.saved_step = self.state.step
+        self.stop = StopRequest()
+        self.drills = FaultDrills(env.rank, env.world_size)
+        self.preempted = False
+
+    def _all_ranks_ok(self, ok: bool) -> bool:
+        return eng.all_reduce_sum([0.0 if ok else 1.0], self.engine_device())[0] == 0.0
+
+    def engine_device(self) -> torch.device:
+        return torch.device("cuda", self.env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    # -- one optimizer step -----------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over a global batch; every rank returns the same metrics."""
+        cfg = self.cfg
+        batch_tokens = self.batch(self.state.tokens)
+        layout = self.layouts[batch_tokens]
+        self.engine.set_batch(layout)
+        lr = self.lr(self.state.tokens + batch_tokens)
+        self.engine.set_lr(lr)
+        rank_batch = self.loader.next_batch(layout.sequences)
+        poison = self.drills.poison_loss(self.state.step + 1)
+        skipped_before = self.engine.skipped_steps
+        # The loss is normalised by the target tokens of the whole global batch, counted across ranks first.
+        # The same collective sums the attended (query, key) pairs, for the MFU of the attention really computed.
+        local_targets = float((rank_batch["labels"] != IGNORE_INDEX).sum())
+        local_pairs = attended_pairs(rank_batch["document_ids"])
+        targets, pairs = eng.all_reduce_sum([local_targets, local_pairs], self.engine_device())
+        global_targets = int(targets)
+        micro_batches = split_micro_batches(rank_batch, cfg.train.micro_batch_size)
+        loss_sums = [
+            self.engine.forward_backward(
+                mb, last=i == len(micro_batches) - 1, global_targets=global_targets, poison=poison
+            )
+            for i, mb in enumerate(micro_batches)
+        ]
+        assert len(loss_sums) == layout.accumulation, (len(loss_sums), layout.accumulation)
+        grad_norm = self.engine.last_grad_norm()
+        skipped = self.engine.skipped_steps > skipped_before
+        if not skipped and not math.isfinite(grad_norm):
+            raise RuntimeError(
+                f"step {self.state.step + 1}: gradient norm {grad_norm} and DeepSpeed applied the step anyway;"
+                " this DeepSpeed version does not skip non-finite BF16 steps under ZeRO-3, upgrade it"
+            )
+        local = torch.stack(loss_sums).double().sum().item()
+        # One collective carries the loss and the stop votes, so every rank stops after the same step.
+        loss_sum, stop_votes = eng.all_reduce_sum([local, float(self.stop.requested)], self.engine_device())
+        self.preempted = self.preempted or stop_votes > 0
+        self.state.step += 1
+        self.state.tokens += batch_tokens
+        self.state.target_tokens += global_targets
+        self.state.batch_tokens = batch_tokens
+        self.throughput.add(batch_tokens, pairs)
+        if skipped:
+            self.state.skipped_steps += 1
+            self.bad_in_a_row += 1
+            log.warning(
+                "step %d skipped: non-finite loss or gradient (%d in a row, %d in total)",
+                self.state.step,
+                self.bad_in_a_row,
+                self.state.skipped_steps,
+            )
+            if self.bad_in_a_row >= cfg.train.max_bad_steps:
+                raise RuntimeError(
+                    f"{self.bad_in_a_row} consecutive steps with a non-finite loss or gradient (step"
+                    f" {self.state.step}, train.max_bad_steps={cfg.train.max_bad_steps}); the run is diverging:"
+                    " lower optim.lr, check the data, or resume from an earlier checkpoint"
+                )
+        else:
+            self.bad_in_a_row = 0
+        return {
+            "train/loss": loss_sum / max(1, global_targets),
+            "train/target_tokens": float(global_targets),
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/batch_tokens": float(batch_tokens),
+            "train/grad_accum": float(layout.accumulation),
+            "train/tokens": float(self.state.tokens),
+            "train/target_tokens_total": float(self.state.target_tokens),
+            "train/samples": float(self.loader.position),
+            "train/skipped_steps": float(self.state.skipped_steps),
+        }
+
+    # -- validation -----------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss and perplexity per source and overall (token-weighted), on the same sequences each time.
+
+        Each source is scored on the first `train.eval_batches` global batches of its own validation split, so a
+        small source is measured too instead of being crowded out by a large one.
+        """
+        metrics: dict[str, float] = {}
+        grand_total = grand_count = 0.0
+        for name, dataset in self.val_sources.items():
+            per_rank = min(self.cfg.train.micro_batch_size, len(dataset) // self.env.world_size)
+            if per_rank == 0:
+                continue
+            batch_seqs = per_rank * self.env.world_size
+            loader = GlobalBatchLoader(dataset, rank=self.env.rank, world_size=self.env.world_size)
+            total = count = 0.0
+            for _ in range(min(self.cfg.train.eval_batches, len(dataset) // batch_seqs)):
+                loss_sum, n = self.engine.eval_loss(loader.next_batch(batch_seqs))
+                total += loss_sum
+                count += n
+            total, count = eng.all_reduce_sum([total, count], self.engine_device())
+            metrics.update(_loss_metrics(f"val/{name}", total, count))
+            grand_total += total
+            grand_count += count
+        metrics.update(_loss_metrics("val", grand_total, grand_count))
+        return metrics
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg.train
+        total = cfg.total_tokens
+        log.info(
+            "training %s: %d tokens, batch %s tokens, seq_len %d, %d ranks; run dir %s",
+            cfg.run_name,
+            total,
+            "->".join(str(s) for s in self.batch.sizes()),
+            self.seq_len,
+            self.env.world_size,
+            self.run_dir,
+        )
+        if self.state.tokens >= total:
+            log.info("run %s already reached %d tokens; nothing to do", cfg.run_name, self.state.tokens)
+            return {}
+        bar = _progress(total, self.state.tokens)
+        steps_here = 0
+        last: dict[str, float] = {}
+        start = time.perf_counter()
+        while self.state.tokens < total:
+            metrics = self.train_step()
+            steps_here += 1
+            step = self.state.step
+            if bar is not None:
+                bar.update(int(metrics["train/batch_tokens"]))
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+            if self.spikes.update(metrics["train/loss"]):
+                log.warning("loss spike at step %d: %.4f", step, metrics["train/loss"])
+            done = self.state.tokens >= total
+            stopping = self.preempted or (cfg.stop_after_steps and steps_here >= cfg.stop_after_steps)
+            if step % self.cfg.logging.log_every_steps == 0 or done or stopping:
+                metrics.update(self.throughput.report())
+                metrics.update(memory_gib())
+                self._log(metrics, step)
+            if cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
+                self._log(self.evaluate(), step)
+            if done or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
+                self.save()
+            last = metrics
+            self.drills.after_step(step)
+            if self.preempted and not done:
+                log.warning(
+                    "%s received: checkpointing at step %d and exiting", self.stop.name or "stop signal", step
+                )
+                if self.saved_step != step:
+                    self.save()
+                break
+            if cfg.stop_after_steps and steps_here >= cfg.stop_after_steps and not done:
+                log.info("stopping after %d steps in this process (train.stop_after_steps)", steps_here)
+                if self.saved_step != step:
+                    self.save()
+                break
+        if bar is not None:
+            bar.close()
+        if self.state.tokens >= total and not (
+            cfg.eval_every_steps and self.state.step % cfg.eval_every_steps == 0
+        ):
+            final = self.evaluate()
+            self._log(final, self.state.step)
+            last.update(final)
+        if self.state.tokens >= total and steps_here and cfg.eval_long_context:
+            self._log(self.evaluate_long_context(), self.state.step)
+        log.info("trained %d steps in this process in %.1fs", steps_here, time.perf_counter() - start)
+        return last
+
+    def evaluate_long_context(self) -> dict[str, float]:
+        """The long-context suite (`pretrain.evaluation.long_report`) on the trained model, at its window: every rank runs
+        the same forwards (ZeRO-3 gathers the weights), rank 0 writes the report and its PNGs to
+        runs/<name>/eval/<step tag>/ and returns its headline numbers for wandb."""
+        documents = held_out_documents(self.cfg.data, self.tok_info)
+        report = long_context_report(
+            self.engine.model,
+            self.tokenizer,
+            self.tok_info,
+            documents,
+            LongContextSettings(),
+            add_bos=self.cfg.data.add_bos,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+        )
+        if not self.env.is_main:
+            return {}
+        directory = self.run_dir / "eval" / tag_for(self.state.step)
+        report.update(step=self.state.step, run_dir=str(self.run_dir), train_seq_len=self.seq_len)
+        RunDir(directory).write_json("long_context.json", report)
+        write_plots(report, directory)
+        log.info("%s\n(report and plots in %s)", format_summary(report), directory)
+        return headline_metrics(report)
+
+    def save(self) -> None:
+        self.state.loader = self.loader.state_dict()
+        self.checkpoints.save(self.engine, self.state.step, self.state.to_dict())
+        self.saved_step = self.state.step
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        if self.tracker is not None:
+            self.tracker.log(metrics, step)
+            if "train/loss" in metrics:
+                log.info(
+                    "step %d | loss %.4f | lr %.2e | grad %.3f | batch %d | %.0f tok/s | tokens %d (%d targets)",
+                    step,
+                    metrics["train/loss"],
+                    metrics["train/lr"],
+                    metrics["train/grad_norm"],
+                    int(metrics["train/batch_tokens"]),
+                    metrics.get("perf/tokens_per_s", float("nan")),
+                    int(metrics["train/tokens"]),
+                    int(metrics["train/target_tokens_total"]),
+                )
+            else:
+                log.info("step %d | %s", step, " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def sample(self, prompt: str, max_new_tokens: int) -> str:
+        """A short top-k sample from the trained model; every rank runs it (ZeRO-3 gathers the weights)."""
+        ids = encode_prompt(self.tokenizer, self.tok_info, prompt, self.cfg.data.add_bos)
+        sampling = SamplingConfig(
+            max_new_tokens=max_new_tokens, temperature=0.8, top_k=20, seed=self.cfg.train.seed
+        )
+        new = generate(self.engine.model, ids, sampling, eos_id=self.tok_info.eos_id)
+        self.engine.model.train()
+        return continuation(self.tokenizer, ids, new)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.finish()
+
+
+def _loss_metrics(prefix: str, total: float, count: float) -> dict[str, float]:
+    loss = total / max(count, 1.0)
+    return {f"{prefix}/loss": loss, f"{prefix}/perplexity": math.exp(min(loss, 50.0))}
+
+
+def _check_vocab(cfg: PretrainConfig, info: TokenizerInfo) -> None:
+    if info.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {info.vocab_size} tokens"
+            f" ({info.dir}); set model.vocab_size>={info.vocab_size}"
+        )
+
+
+def _progress(total: int, done: int):
+    if not progress_enabled():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="tok", unit_scale=True, desc="train", dynamic_ncols=True)
