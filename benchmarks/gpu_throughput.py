@@ -7,7 +7,7 @@ Each case runs in fresh rank processes of its own (one per GPU, or `--ranks` glo
 pretrain/train/launch.py does), so memory, compiled kernels and allocator state never leak from one measurement into
 the next. A rank (benchmarks/throughput_case.py) composes the config exactly as `python -m pretrain
 +experiment=<name> <overrides>` would, builds `pretrain.train.engine.TrainingEngine` (ZeRO-3 model construction,
-optimizer, DeepSpeed engine: the trainer's own code) and drives `TrainingEngine.forward_backward` with synthetic
+optimizer, DeepSpeed engine: the trainer's own code) and drives `TrainingEngine.backward` and `optimizer_step` with synthetic
 token batches of the configured shape, `--grad-accum` micro-batches per optimizer step. Synthetic batches
 isolate the model, ZeRO-3 and the optimizer from data loading, need no tokenizer or shards (nothing to prepare
 on a GPU machine) and write no checkpoints; the loader's own cost is measured by benchmarks/data_pipeline.py.

@@ -26,7 +26,9 @@ import torch
 from pretrain.batching import BatchLayout
 from pretrain.config import PretrainConfig
 from pretrain.evaluation.export import llama_config
+from pretrain.model.parameter_groups import parameter_groups
 from pretrain.planning.hardware import resolve_precision
+from pretrain.train import collectives
 from pretrain.train import engine as eng
 
 
@@ -64,7 +66,7 @@ class HFEngine:
                 "the Hugging Face baseline checkpoints every layer; run it with"
                 " deepspeed.checkpoint_every_n_layers=1 (or --no-baseline)"
             )
-        self.precision, _ = eng.broadcast_object(resolve_precision(cfg.deepspeed.precision))
+        self.precision, _ = collectives.broadcast_object(resolve_precision(cfg.deepspeed.precision))
         self.ds_config = eng.deepspeed_config(cfg, layout, self.precision)
         config = hf_llama_config(cfg)
         config._attn_implementation = "sdpa"
@@ -73,30 +75,39 @@ class HFEngine:
         if cfg.deepspeed.activation_checkpointing:
             _enable_checkpointing(model)
         model.train()
-        groups = eng.parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_norms_and_embeddings)
+        groups = parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_norms_and_embeddings)
         optimizer = eng.build_optimizer(cfg, groups)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+        self.deepspeed_engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
         self.model = model
-        self.device = torch.device(self.engine.device)
+        self.device = torch.device(self.deepspeed_engine.device)
         self.attn_implementation = model.config._attn_implementation
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def forward_backward(
+    def backward(
         self, batch: dict[str, torch.Tensor], *, last: bool, global_targets: int = 0
     ) -> torch.Tensor:
         """One micro-batch with Hugging Face's own loss (a mean per micro-batch, `global_targets` unused): it
         shifts the labels itself, so the unshifted input ids are the labels."""
-        self.engine.set_gradient_accumulation_boundary(last)
+        self.deepspeed_engine.set_gradient_accumulation_boundary(last)
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
-        loss = self.engine(input_ids=input_ids, labels=input_ids).loss
-        self.engine.backward(loss)
-        self.engine.step()
+        loss = self.deepspeed_engine(input_ids=input_ids, labels=input_ids).loss
+        self.deepspeed_engine.backward(loss)
         return loss.detach()
+
+    def optimizer_step(self) -> None:
+        self.deepspeed_engine.step()
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.deepspeed_engine.gradient_accumulation_steps()
+
+    def compile(self) -> None:
+        self.deepspeed_engine.compile()
 
     def parameter_count(self) -> int:
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())

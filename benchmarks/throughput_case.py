@@ -194,23 +194,18 @@ def step_function(engine: Any, batches: list[dict[str, Any]], causal_only: bool,
     # Every rank holds the same synthetic micro-batches, so the global target count is the local one x ranks.
     targets = sum(int((b["labels"] != -100).sum()) for b in batches) * world_size
 
-    def trainer_step():
-        return [
-            engine.forward_backward(b, last=i == len(batches) - 1, global_targets=targets)
-            for i, b in enumerate(batches)
-        ][-1]
+    # Without document ids our model runs plain causal attention (the engine passes what the batch holds).
+    micro_batches = (
+        [{k: v for k, v in b.items() if k != "document_ids"} for b in batches] if causal_only else batches
+    )
 
-    def causal_step():  # TrainingEngine.forward_backward always passes document ids; same calls otherwise
-        for i, b in enumerate(batches):
-            engine.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
-            loss = engine.engine(
-                b["input_ids"], position_ids=b["position_ids"], labels=b["labels"], reduction="sum"
-            )
-            engine.engine.backward(loss * world_size / targets, scale_wrt_gas=False)
-            engine.engine.step()
-        return loss.detach()
+    def step():
+        for i, b in enumerate(micro_batches):
+            loss = engine.backward(b, last=i == len(micro_batches) - 1, global_targets=targets)
+        engine.optimizer_step()
+        return loss
 
-    return causal_step if causal_only else trainer_step
+    return step
 
 
 def run_case(spec: dict[str, Any], result_path: Path) -> None:
@@ -219,6 +214,7 @@ def run_case(spec: dict[str, Any], result_path: Path) -> None:
     import torch.distributed as dist
 
     from data.log import get_logger
+    from pretrain.train import collectives
     from pretrain.train import engine as eng
     from pretrain.train.metrics import memory_gib
 
@@ -231,7 +227,9 @@ def run_case(spec: dict[str, Any], result_path: Path) -> None:
     try:
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         # Rank 0 decides for all, so ranks reading slightly different free memory still agree.
-        problem = eng.broadcast_object(memory_refusal(cfg, world, local_ranks) if env.is_main else None)
+        problem = collectives.broadcast_object(
+            memory_refusal(cfg, world, local_ranks) if env.is_main else None
+        )
         if problem:
             if env.is_main:
                 log.warning("%s refused: %s", spec["name"], problem)
@@ -240,13 +238,11 @@ def run_case(spec: dict[str, Any], result_path: Path) -> None:
             return
         torch.manual_seed(cfg.train.seed)
         engine, parameters, extra = build_engine(spec, cfg, env)
-        if engine.engine.gradient_accumulation_steps() != spec["grad_accum"]:
-            raise RuntimeError(
-                f"DeepSpeed accumulates {engine.engine.gradient_accumulation_steps()} micro-batches"
-            )
+        if engine.accumulation_steps != spec["grad_accum"]:
+            raise RuntimeError(f"DeepSpeed accumulates {engine.accumulation_steps} micro-batches")
         engine.set_lr(cfg.optim.lr)
         if spec["compile"]:
-            engine.engine.compile()
+            engine.compile()
         seq_len, micro = cfg.data.packing.seq_len, cfg.train.micro_batch_size
         seeds = [cfg.train.seed * 1000 + env.rank * 100 + i for i in range(spec["grad_accum"])]
         vocab, documents = cfg.model.vocab_size, spec["documents"]

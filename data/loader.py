@@ -10,7 +10,7 @@ may change between calls without skipping or repeating a sample, and resuming ne
 from __future__ import annotations
 
 import numbers
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Protocol
 
 import numpy as np
@@ -128,8 +128,9 @@ class GlobalBatchLoader:
         if pending is not None and pending[0] == key:
             batch = pending[1].result()
         else:
-            if pending is not None:
+            if pending is not None:  # a stale guess (the batch grew): never read the dataset from two threads
                 pending[1].cancel()
+                wait([pending[1]])
             batch = self._build(global_batch_size, self.position)
         self.position += global_batch_size
         if self._executor is not None:
@@ -176,6 +177,7 @@ class GlobalBatchLoader:
     def _drop_pending(self) -> None:
         if self._pending is not None:
             self._pending[1].cancel()
+            wait([self._pending[1]])
             self._pending = None
 
     def close(self) -> None:

@@ -198,6 +198,9 @@ class TrainConfig:
     sample_tokens: int = 48
     # Fault handling: consecutive non-finite steps before the run aborts.
     max_bad_steps: int = 5
+    # Build the next global batch on a background thread during the step (used only when the step asks for
+    # exactly that batch, so the batches never depend on timing).
+    prefetch_batches: bool = True
     # Stop after this many optimizer steps in this process (0 = no limit); for tests and preemption drills.
     stop_after_steps: int = 0
     # Before building the engine, compare the planner's memory need per rank with the device (GPU memory, or

@@ -1,4 +1,4 @@
-"""Learning-rate and batch-size schedules as functions of tokens consumed.
+"""Learning-rate and batch-size schedules as functions of tokens consumed, and the cadence of periodic jobs in steps.
 
 Because both are functions of tokens, not steps, growing the batch does not shift the LR curve, and a
 resumed run needs nothing but the token count to be back on both curves.
@@ -70,3 +70,15 @@ def plan_steps(batch: BatchSchedule, total_tokens: int) -> list[int]:
         steps.append(size)
         tokens += size
     return steps
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When a periodic job of the training loop runs (the step log, validation, checkpoints): every `every`
+    optimizer steps (0: never on a cadence), and with `at_stop` also at the step the loop stops after."""
+
+    every: int
+    at_stop: bool
+
+    def due(self, step: int, *, stopping: bool) -> bool:
+        return (stopping and self.at_stop) or (self.every > 0 and step % self.every == 0)

@@ -10,7 +10,7 @@ expert proceed anyway.
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 
@@ -36,7 +36,7 @@ def ensure_fits(cfg: PretrainConfig, world: int, local_ranks: int) -> None:
 def memory_problem(cfg: PretrainConfig, world: int, local_ranks: int, precision: str) -> str | None:
     """None when the run fits; otherwise what it needs, what the machine has, and what to change."""
     if torch.cuda.is_available():
-        return _gpu_problem(cfg, world, local_ranks)
+        return _gpu_problem(cfg, world, local_ranks, precision)
     inventory = ParamInventory.of(cfg.model, cfg.optim)
     est = zero3_memory(
         inventory,
@@ -62,7 +62,9 @@ def memory_problem(cfg: PretrainConfig, world: int, local_ranks: int, precision:
     )
 
 
-def _gpu_problem(cfg: PretrainConfig, world: int, local_ranks: int) -> str | None:
+def _gpu_problem(cfg: PretrainConfig, world: int, local_ranks: int, precision: str) -> str | None:
+    # The planner sizes what the run will really use: `auto` resolved (fp32 on a GPU without bf16).
+    cfg = replace(cfg, deepspeed=replace(cfg.deepspeed, precision=precision))
     device = torch.cuda.get_device_properties(torch.cuda.current_device())
     cluster = ClusterConfig(
         nodes=max(1, world // local_ranks),

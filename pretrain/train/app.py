@@ -7,6 +7,7 @@ from data.prepare import ensure_data
 from pretrain.config import PretrainConfig
 from pretrain.planning.hardware import local_world_size
 from pretrain.planning.memory_check import ensure_fits
+from pretrain.train import collectives
 from pretrain.train import engine as eng
 from pretrain.train.trainer import Trainer
 
@@ -21,7 +22,7 @@ def run_rank(config: PretrainConfig) -> None:
         ensure_fits(config, env.world_size, local_world_size())
         if env.is_main:
             ensure_data(config.data_pipeline())
-        eng.barrier()
+        collectives.barrier()
         trainer = Trainer(config, env)
         trainer.fit()
         if config.train.sample_prompt and config.train.sample_tokens > 0 and not trainer.preempted:

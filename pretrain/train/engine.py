@@ -7,8 +7,10 @@ a DeepSpeed key.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import warnings
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -23,6 +25,7 @@ from pretrain.model.parameter_groups import parameter_groups
 from pretrain.model.transformer import Transformer
 from pretrain.planning.hardware import cpu_threads_per_rank, resolve_precision
 from pretrain.train import versions
+from pretrain.train.collectives import barrier, broadcast_object
 from pretrain.train.dist_env import DistEnv, cuda_device_index, dist_env, launch_environment
 
 log = get_logger(__name__)
@@ -147,6 +150,15 @@ def build_optimizer(
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
+@dataclass(frozen=True)
+class OptimizerStep:
+    """What one optimizer step did: the global gradient norm before clipping, and whether the step was skipped
+    (a non-finite gradient)."""
+
+    grad_norm: float
+    skipped: bool
+
+
 class TrainingEngine:
     """A DeepSpeed engine over the model, with the few operations the trainer needs."""
 
@@ -177,29 +189,27 @@ class TrainingEngine:
         self.initial_group_hyperparameters = [
             {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
         ]
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+        self.deepspeed_engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
         self.model = model
-        self.device = torch.device(self.engine.device)
+        self.device = torch.device(self.deepspeed_engine.device)
 
     # -- batch and LR -------------------------------------------------------------------------------------
     def set_batch(self, layout: BatchLayout) -> None:
         """Resize the global batch through DeepSpeed (its accumulation steps follow)."""
-        if layout.sequences != self.engine.train_batch_size():
-            self.engine.set_train_batch_size(layout.sequences)
+        if layout.sequences != self.deepspeed_engine.train_batch_size():
+            self.deepspeed_engine.set_train_batch_size(layout.sequences)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    # -- training -----------------------------------------------------------------------------------------
-    def forward_backward(
+    # -- one training step: a backward per micro-batch, then one optimizer step ---------------------------
+    def backward(
         self, batch: dict[str, torch.Tensor], *, last: bool, global_targets: int, poison: bool = False
     ) -> torch.Tensor:
-        """One micro-batch: forward, backward, and DeepSpeed's step, which applies the optimizer only at the
-        gradient-accumulation boundary: `last`, the final micro-batch of the global batch. Returns the summed
-        token loss of the micro-batch.
+        """Forward and backward of one micro-batch; returns its summed token loss (no optimizer step).
 
         The gradient is that of the mean loss per target token of the whole global batch (`global_targets`
         over every micro-batch and rank), as torchtitan and OLMo-core normalise: each micro-batch's summed
@@ -207,61 +217,75 @@ class TrainingEngine:
         is turned off, so after its average over ranks every target token weighs the same, whatever the
         micro-batch size, the padding or the number of ranks.
 
-        The boundary is set explicitly rather than left to DeepSpeed's micro-step counter: that counter is not
-        restored from checkpoints, and when the batch grows it would fall out of step with the global batch.
-
-        A non-finite gradient norm makes DeepSpeed skip the optimizer step and drop the gradients, leaving the
-        optimizer state unchanged; `poison` (a fault drill) turns the loss into NaN to exercise that path.
+        ZeRO-3 reduces the gradients across ranks at the gradient-accumulation boundary, `last`, the final
+        micro-batch of the global batch. The boundary is set explicitly rather than left to DeepSpeed's
+        micro-step counter: that counter is not restored from checkpoints, and when the batch grows it would
+        fall out of step with the global batch. `poison` (a fault drill) turns the loss into NaN.
         """
-        loss_sum = self.backward(batch, last=last, global_targets=global_targets, poison=poison)
-        self.engine.step()
-        return loss_sum
-
-    def backward(
-        self, batch: dict[str, torch.Tensor], *, last: bool, global_targets: int, poison: bool = False
-    ) -> torch.Tensor:
-        """The forward and backward half of `forward_backward` (gradients reduced at the boundary, no step)."""
-        self.engine.set_gradient_accumulation_boundary(last)
+        self.deepspeed_engine.set_gradient_accumulation_boundary(last)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        loss_sum = self.engine(
+        loss_sum = self.deepspeed_engine(
             batch["input_ids"],
-            position_ids=batch["position_ids"],
-            document_ids=batch["document_ids"],
+            position_ids=batch.get("position_ids"),
+            document_ids=batch.get("document_ids"),
             labels=batch["labels"],
             reduction="sum",
         )
         if poison:
             loss_sum = loss_sum * float("nan")
         scale = self.env.world_size / max(1, global_targets)
-        self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
+        self.deepspeed_engine.backward(loss_sum * scale, scale_wrt_gas=False)
         return loss_sum.detach()
 
-    def step(self) -> None:
-        self.engine.step()
+    def optimizer_step(self) -> OptimizerStep:
+        """The update of one global batch, after the backward of its last micro-batch. Both halves happen
+        inside DeepSpeed's `step()` on ZeRO-3's partitioned fp32 optimizer: the gradient is clipped to
+        `deepspeed.gradient_clipping` (its global norm over every rank's partition), then AdamW steps. When that
+        norm is not finite DeepSpeed skips the update and drops the gradients, leaving weights and optimizer
+        state unchanged; the step reports it as skipped."""
+        skipped_before = self.skipped_steps
+        self.deepspeed_engine.step()
+        grad_norm = self.last_grad_norm()
+        skipped = self.skipped_steps > skipped_before
+        if not skipped and not math.isfinite(grad_norm):
+            raise RuntimeError(
+                f"gradient norm {grad_norm} and DeepSpeed applied the step anyway; this DeepSpeed version does"
+                " not skip non-finite BF16 steps under ZeRO-3, upgrade it"
+            )
+        return OptimizerStep(grad_norm=grad_norm, skipped=skipped)
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step, as DeepSpeed counts them for the current global batch."""
+        return self.deepspeed_engine.gradient_accumulation_steps()
+
+    def compile(self) -> None:
+        """torch.compile the model inside the DeepSpeed engine (DeepSpeed's own entry, hooks kept)."""
+        self.deepspeed_engine.compile()
 
     @property
     def skipped_steps(self) -> int:
         """Optimizer steps DeepSpeed skipped because the gradients were not finite."""
-        return int(self.engine.skipped_steps)
+        return int(self.deepspeed_engine.skipped_steps)
 
     def last_grad_norm(self) -> float:
         """The global gradient norm (before clipping) of the last optimizer step."""
-        norm = self.engine.get_global_grad_norm()
+        norm = self.deepspeed_engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         """Summed token loss and token count of one micro-batch, for exact averages across ranks."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        self.engine.eval()
-        loss_sum = self.engine(
+        self.deepspeed_engine.eval()
+        loss_sum = self.deepspeed_engine(
             batch["input_ids"],
             position_ids=batch["position_ids"],
             document_ids=batch["document_ids"],
             labels=batch["labels"],
             reduction="sum",
         )
-        self.engine.train()
+        self.deepspeed_engine.train()
         return float(loss_sum), int((batch["labels"] != IGNORE_INDEX).sum())
 
     def local_parameter_count(self) -> tuple[int, int]:
@@ -281,23 +305,25 @@ class TrainingEngine:
         # Each group's hyperparameters travel with the checkpoint: a universal load needs them back (below).
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         state = {**client_state, "param_groups": groups}
-        self.engine.save_checkpoint(directory, tag=tag, client_state=state, save_latest=False)
+        self.deepspeed_engine.save_checkpoint(directory, tag=tag, client_state=state, save_latest=False)
 
     def checkpoint_files(self) -> list[str]:
         """The files `save` writes on this rank into a checkpoint directory (DeepSpeed's names, checked in
         `pretrain.train.versions`), so the commit can check that each one arrived."""
-        return versions.checkpoint_file_names(self.engine)
+        return versions.checkpoint_file_names(self.deepspeed_engine)
 
     def load(self, directory: str, tag: str, *, universal: bool = False) -> dict[str, Any]:
         """Load a checkpoint written at this world size, or with `universal` DeepSpeed's universal copy of one
         written at any world size (`pretrain.checkpoint.reshard`)."""
-        versions.set_universal_load(self.engine, universal)  # a DeepSpeed 0.19.8 private, checked there
+        versions.set_universal_load(
+            self.deepspeed_engine, universal
+        )  # a DeepSpeed 0.19.8 private, checked there
         try:
-            path, client_state = self.engine.load_checkpoint(
+            path, client_state = self.deepspeed_engine.load_checkpoint(
                 directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
             )
         finally:  # later loads and every save are the normal kind
-            versions.set_universal_load(self.engine, False)
+            versions.set_universal_load(self.deepspeed_engine, False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {directory}/{tag}")
         client_state = client_state or {}
@@ -310,7 +336,9 @@ class TrainingEngine:
         """A stage's optimizer after loading its parent: the new run's hyperparameters in every group, and
         unless `keep_moments` the AdamW state of a fresh optimizer (zero moments, step 0), which is exactly what
         torch's AdamW starts from, while the fp32 master weights keep the parent's full precision."""
-        inner = versions.inner_optimizer(self.engine)  # DeepSpeed 0.19.8's wrapper.optimizer, checked there
+        inner = versions.inner_optimizer(
+            self.deepspeed_engine
+        )  # DeepSpeed 0.19.8's wrapper.optimizer, checked there
         for group, initial in zip(inner.param_groups, self.initial_group_hyperparameters, strict=True):
             group.update({key: initial[key] for key in ("weight_decay", "betas", "eps")})
         if keep_moments:
@@ -326,7 +354,9 @@ class TrainingEngine:
         """DeepSpeed 0.19's ZeRO-3 universal load gives every parameter group the first group's
         hyperparameters, so the no-decay group would come back decaying; restore each group's own (those saved
         with the checkpoint, or for a checkpoint without them, this run's)."""
-        groups = versions.inner_optimizer(self.engine).param_groups  # DeepSpeed 0.19.8's wrapper.optimizer
+        groups = versions.inner_optimizer(
+            self.deepspeed_engine
+        ).param_groups  # DeepSpeed 0.19.8's wrapper.optimizer
         if saved_groups is None:
             saved_groups = self.initial_group_hyperparameters
         if len(saved_groups) != len(groups):
@@ -343,8 +373,10 @@ class TrainingEngine:
         checkpoint). Harmless after any other load. Only ZeRO-3 is repaired, as it always was here."""
         if self.cfg.deepspeed.zero_stage != 3:
             return
-        inner = versions.inner_optimizer(self.engine)
-        for flat in versions.zero3_fp32_partitions(self.engine):  # DeepSpeed 0.19.8 privates, checked there
+        inner = versions.inner_optimizer(self.deepspeed_engine)
+        for flat in versions.zero3_fp32_partitions(
+            self.deepspeed_engine
+        ):  # DeepSpeed 0.19.8 privates, checked there
             state = inner.state.get(flat, {})
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
@@ -365,38 +397,6 @@ def _checkpoint_fn():
         return checkpoint(block, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
     return run
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum floats across ranks (validation loss, counters)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank `src`'s Python object on every rank (run ids, decisions taken by rank 0)."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def all_gather_object(obj: Any) -> list[Any]:
-    """Every rank's Python object, in rank order, on every rank (the files each rank wrote into a checkpoint,
-    rank 0's verdict on them)."""
-    if not dist.is_initialized():
-        return [obj]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
 
 
 def shutdown(*, clean: bool = True) -> None:

@@ -75,7 +75,7 @@ class RunTracker:
         kept = [
             line
             for line in self.metrics_path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
+            if (entry := _entry(line)) is not None and entry.get("step", 0) <= step
         ]
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
@@ -91,3 +91,11 @@ class RunTracker:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _entry(line: str) -> dict | None:
+    """One logged line, or None for a blank line or one torn by a crash mid-write (it is dropped, not fatal)."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None

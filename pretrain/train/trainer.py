@@ -28,8 +28,10 @@ from pretrain.evaluation.long_report import (
 )
 from pretrain.model.flops import ModelFlops, attended_pairs
 from pretrain.planning.hardware import peak_tflops
-from pretrain.schedule import LRSchedule
+from pretrain.schedule import Cadence, LRSchedule
+from pretrain.train import collectives
 from pretrain.train import engine as eng
+from pretrain.train.dist_env import DistEnv
 from pretrain.train.faults import FaultDrills, StopRequest
 from pretrain.train.metrics import SpikeDetector, Throughput, memory_gib
 from pretrain.train.stages import choose_data_start, parent_to_start_from, start_from_parent, tokenizer_record
@@ -58,187 +60,126 @@ class TrainerState:
 
 
 class Trainer:
-    """Build everything for one rank, then `fit()`; call `close()` in a `finally`."""
+    """Build everything for one rank, then `fit()` (which resumes, then trains); call `close()` in a `finally`.
 
-    def __init__(self, cfg: PretrainConfig, env: eng.DistEnv):
+    One step, top to bottom, is `train_step`; the loop around it is `fit`. Each periodic job (the step log,
+    validation, checkpoints) has a `Cadence` and decides for itself whether a step is its turn.
+    """
+
+    def __init__(self, cfg: PretrainConfig, env: DistEnv):
         self.cfg = cfg
         self.env = env
         self.run_dir = Path(cfg.run_dir)
         self.seq_len = cfg.data.packing.seq_len
+        # 1. The tokenizer and the schedules, all in tokens; every batch size the run grows through is checked
+        #    now rather than at its first step.
         self.tokenizer, self.tok_info = load_tokenizer(cfg.tokenizer.dir)
         _check_vocab(cfg, self.tok_info)
         self.lr = LRSchedule(
             cfg.optim.lr, cfg.optim.warmup_tokens, cfg.train.total_tokens, cfg.optim.min_lr_ratio
         )
         self.batch = cfg.batch_schedule()
-        # Every size the batch grows through, checked now rather than at the first growth step.
         self.layouts = schedule_layouts(
             self.batch.sizes(), self.seq_len, cfg.train.micro_batch_size, env.world_size
         )
-
-        # The parent is checked before any costly build: the data, then the engine.
-        parent = parent_to_start_from(cfg, self.tok_info)
+        # 2. A stage's parent run, checked before anything costly (the data, then the engine).
+        self.parent = parent_to_start_from(cfg, self.tok_info)
+        # 3. The data: the training mixture and this rank's loader over it, and each validation source.
         planned = -(-cfg.train.total_tokens // self.seq_len)
         self.train_data = MixtureDataset.from_tokenizer(
             cfg.data, self.tok_info, split="train", planned_samples=planned
         )
-        data_start = None
-        if parent is not None:
-            data_start = choose_data_start(cfg, parent, self.train_data.fingerprint())
-            if data_start.position:
-                self.train_data.plan_samples(data_start.position + planned)
+        self.data_start = None
+        if self.parent is not None:
+            self.data_start = choose_data_start(cfg, self.parent, self.train_data.fingerprint())
+            if self.data_start.position:
+                self.train_data.plan_samples(self.data_start.position + planned)
         val_data = MixtureDataset.from_tokenizer(cfg.data, self.tok_info, split="val")
         self.val_sources = {name: val_data.for_source(name) for name in cfg.data.sources}
-        self.loader = GlobalBatchLoader(self.train_data, rank=env.rank, world_size=env.world_size)
-
-        torch.manual_seed(cfg.train.seed)  # the same init on every rank: ZeRO-3 keeps each rank's slice of it
-        self.engine = eng.TrainingEngine(cfg, env, self.layouts[self.batch(0)])
-        local, total = self.engine.local_parameter_count()
-        per_rank = [0.0] * env.world_size
-        per_rank[env.rank] = float(local)
-        per_rank = [int(x) for x in eng.all_reduce_sum(per_rank, self.engine_device())]
-        log.info(
-            "model %s: %.2fM parameters, %.2fM on this rank (ZeRO-%d over %d ranks)",
-            cfg.model.name,
-            total / 1e6,
-            local / 1e6,
-            cfg.deepspeed.zero_stage,
-            env.world_size,
+        self.loader = GlobalBatchLoader(
+            self.train_data, rank=env.rank, world_size=env.world_size, prefetch=cfg.train.prefetch_batches
         )
+        # 4. The engine: the model (the same init on every rank; ZeRO-3 keeps each rank's slice), AdamW, DeepSpeed.
+        torch.manual_seed(cfg.train.seed)
+        self.engine = eng.TrainingEngine(cfg, env, self.layouts[self.batch(0)])
+        # 5. Checkpoints, with the trainer's collectives.
         self.checkpoints = CheckpointManager(
             self.run_dir,
             cfg.train.keep_checkpoints,
             env.rank,
-            eng.barrier,
+            collectives.barrier,
             self._all_ranks_ok,
-            all_gather=eng.all_gather_object,
+            all_gather=collectives.all_gather_object,
             config_text=config_yaml(cfg),
             world_size=env.world_size,
             seed=cfg.train.seed,
         )
-        if env.is_main:
-            run = RunDir(self.run_dir)
-            run.write_config(cfg)
-            run.write_json(
-                SUMMARY_FILE,
-                {
-                    "parameters": total,
-                    "parameters_per_rank": per_rank,
-                    "world_size": env.world_size,
-                    "weight_decay_parameters": self.engine.decay_parameter_names,
-                },
-            )
-            run.write_json(DEEPSPEED_FILE, self.engine.ds_config)
-        self.state = TrainerState()
-        resumed = self.checkpoints.load_latest(self.engine)
-        if resumed is not None:
-            if "target_tokens" not in resumed:
-                log.warning(
-                    "the checkpoint predates target-token counting: train/target_tokens_total counts from 0"
-                )
-            self.state = TrainerState(**resumed)
-            self.loader.load_state_dict(self.state.loader)
-        elif parent is not None and data_start is not None:
-            start_from_parent(cfg, parent, self.engine, self.checkpoints, env.is_main, data_start)
-            if data_start.mode == "continue":
-                self.loader.load_state_dict(data_start.parent_loader)  # checks the order's fingerprint again
-        self.state.tokenizer = tokenizer_record(self.tok_info)
-        if env.is_main:
-            run_id = self.state.wandb_run_id or wandb_run_id(self.run_dir)
-        else:
-            run_id = ""
-        self.state.wandb_run_id = eng.broadcast_object(run_id)
-        self.tracker: RunTracker | None = None
-        if env.is_main:
-            self.tracker = RunTracker(
-                cfg,
-                self.run_dir,
-                self.state.wandb_run_id,
-                mode=cfg.logging.wandb_mode,
-                project=cfg.logging.wandb_project,
-                entity=cfg.logging.wandb_entity,
-            )
-            self.tracker.truncate_after(self.state.step)
+        # 6. What a step is measured by, and when each periodic job runs.
         self.throughput = Throughput(
             ModelFlops.of(cfg.model, self.seq_len), env.world_size, peak_tflops(cfg.logging.peak_tflops)
         )
         self.spikes = SpikeDetector(cfg.logging.spike_window, cfg.logging.spike_sigma)
-        self.bad_in_a_row = 0
-        self.saved_step = self.state.step
+        self.log_cadence = Cadence(cfg.logging.log_every_steps, at_stop=True)
+        self.eval_cadence = Cadence(cfg.train.eval_every_steps, at_stop=False)
+        self.save_cadence = Cadence(cfg.train.checkpoint_every_steps, at_stop=True)
+        # 7. Faults: stop signals (preemption) and the drills the fault tests inject.
         self.stop = StopRequest()
         self.drills = FaultDrills(env.rank, env.world_size)
+        # Filled by `fit`: where the run stands, and its wandb run (rank 0).
+        self.state = TrainerState()
+        self.tracker: RunTracker | None = None
+        self.bad_in_a_row = 0
         self.preempted = False
 
     def _all_ranks_ok(self, ok: bool) -> bool:
-        return eng.all_reduce_sum([0.0 if ok else 1.0], self.engine_device())[0] == 0.0
-
-    def engine_device(self) -> torch.device:
-        return torch.device("cuda", self.env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return collectives.all_reduce_sum([0.0 if ok else 1.0], self.engine.device)[0] == 0.0
 
     # -- one optimizer step -----------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         """One optimizer step over a global batch; every rank returns the same metrics."""
-        cfg = self.cfg
+        # 1. The batch layout and the learning rate, both functions of the tokens consumed.
         batch_tokens = self.batch(self.state.tokens)
         layout = self.layouts[batch_tokens]
         self.engine.set_batch(layout)
         lr = self.lr(self.state.tokens + batch_tokens)
         self.engine.set_lr(lr)
+        # 2. This rank's rows; the target tokens of the whole global batch, counted across ranks (the loss is
+        #    normalised by them), with the attended (query, key) pairs in the same collective (for the MFU).
         rank_batch = self.loader.next_batch(layout.sequences)
-        poison = self.drills.poison_loss(self.state.step + 1)
-        skipped_before = self.engine.skipped_steps
-        # The loss is normalised by the target tokens of the whole global batch, counted across ranks first.
-        # The same collective sums the attended (query, key) pairs, for the MFU of the attention really computed.
         local_targets = float((rank_batch["labels"] != IGNORE_INDEX).sum())
-        local_pairs = attended_pairs(rank_batch["document_ids"])
-        targets, pairs = eng.all_reduce_sum([local_targets, local_pairs], self.engine_device())
+        targets, pairs = collectives.all_reduce_sum(
+            [local_targets, attended_pairs(rank_batch["document_ids"])], self.engine.device
+        )
         global_targets = int(targets)
-        micro_batches = split_micro_batches(rank_batch, cfg.train.micro_batch_size)
+        # 3. Forward and backward per micro-batch; ZeRO-3 reduces the gradients after the last one.
+        poison = self.drills.poison_loss(self.state.step + 1)
+        micro_batches = split_micro_batches(rank_batch, self.cfg.train.micro_batch_size)
+        assert len(micro_batches) == layout.accumulation, (len(micro_batches), layout.accumulation)
         loss_sums = [
-            self.engine.forward_backward(
+            self.engine.backward(
                 mb, last=i == len(micro_batches) - 1, global_targets=global_targets, poison=poison
             )
             for i, mb in enumerate(micro_batches)
         ]
-        assert len(loss_sums) == layout.accumulation, (len(loss_sums), layout.accumulation)
-        grad_norm = self.engine.last_grad_norm()
-        skipped = self.engine.skipped_steps > skipped_before
-        if not skipped and not math.isfinite(grad_norm):
-            raise RuntimeError(
-                f"step {self.state.step + 1}: gradient norm {grad_norm} and DeepSpeed applied the step anyway;"
-                " this DeepSpeed version does not skip non-finite BF16 steps under ZeRO-3, upgrade it"
-            )
-        local = torch.stack(loss_sums).double().sum().item()
-        # One collective carries the loss and the stop votes, so every rank stops after the same step.
-        loss_sum, stop_votes = eng.all_reduce_sum([local, float(self.stop.requested)], self.engine_device())
+        # 4. One optimizer step: clip to deepspeed.gradient_clipping, then AdamW; skipped (weights and optimizer
+        #    state unchanged) when the gradient is not finite. Both happen inside DeepSpeed's step.
+        update = self.engine.optimizer_step()
+        # 5. The loss and the stop votes in one collective, so every rank stops after the same step.
+        loss_sum, stop_votes = collectives.all_reduce_sum(
+            [torch.stack(loss_sums).double().sum().item(), float(self.stop.requested)], self.engine.device
+        )
         self.preempted = self.preempted or stop_votes > 0
         self.state.step += 1
         self.state.tokens += batch_tokens
         self.state.target_tokens += global_targets
         self.state.batch_tokens = batch_tokens
         self.throughput.add(batch_tokens, pairs)
-        if skipped:
-            self.state.skipped_steps += 1
-            self.bad_in_a_row += 1
-            log.warning(
-                "step %d skipped: non-finite loss or gradient (%d in a row, %d in total)",
-                self.state.step,
-                self.bad_in_a_row,
-                self.state.skipped_steps,
-            )
-            if self.bad_in_a_row >= cfg.train.max_bad_steps:
-                raise RuntimeError(
-                    f"{self.bad_in_a_row} consecutive steps with a non-finite loss or gradient (step"
-                    f" {self.state.step}, train.max_bad_steps={cfg.train.max_bad_steps}); the run is diverging:"
-                    " lower optim.lr, check the data, or resume from an earlier checkpoint"
-                )
-        else:
-            self.bad_in_a_row = 0
+        self._count_bad_steps(update.skipped)
         return {
             "train/loss": loss_sum / max(1, global_targets),
             "train/target_tokens": float(global_targets),
             "train/lr": lr,
-            "train/grad_norm": grad_norm,
+            "train/grad_norm": update.grad_norm,
             "train/batch_tokens": float(batch_tokens),
             "train/grad_accum": float(layout.accumulation),
             "train/tokens": float(self.state.tokens),
@@ -246,6 +187,26 @@ class Trainer:
             "train/samples": float(self.loader.position),
             "train/skipped_steps": float(self.state.skipped_steps),
         }
+
+    def _count_bad_steps(self, skipped: bool) -> None:
+        """A skipped step is logged; `train.max_bad_steps` of them in a row abort the run (it is diverging)."""
+        if not skipped:
+            self.bad_in_a_row = 0
+            return
+        self.state.skipped_steps += 1
+        self.bad_in_a_row += 1
+        log.warning(
+            "step %d skipped: non-finite loss or gradient (%d in a row, %d in total)",
+            self.state.step,
+            self.bad_in_a_row,
+            self.state.skipped_steps,
+        )
+        if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
+            raise RuntimeError(
+                f"{self.bad_in_a_row} consecutive steps with a non-finite loss or gradient (step"
+                f" {self.state.step}, train.max_bad_steps={self.cfg.train.max_bad_steps}); the run is"
+                " diverging: lower optim.lr, check the data, or resume from an earlier checkpoint"
+            )
 
     # -- validation -----------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -267,7 +228,7 @@ class Trainer:
                 loss_sum, n = self.engine.eval_loss(loader.next_batch(batch_seqs))
                 total += loss_sum
                 count += n
-            total, count = eng.all_reduce_sum([total, count], self.engine_device())
+            total, count = collectives.all_reduce_sum([total, count], self.engine.device)
             metrics.update(_loss_metrics(f"val/{name}", total, count))
             grand_total += total
             grand_count += count
@@ -276,69 +237,134 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
-        cfg = self.cfg.train
-        total = cfg.total_tokens
+        """Resume (or start), train until the run's tokens are done or a stop, then the end-of-run jobs."""
+        train = self.cfg.train
+        self.resume()
         log.info(
             "training %s: %d tokens, batch %s tokens, seq_len %d, %d ranks; run dir %s",
-            cfg.run_name,
-            total,
+            train.run_name,
+            train.total_tokens,
             "->".join(str(s) for s in self.batch.sizes()),
             self.seq_len,
             self.env.world_size,
             self.run_dir,
         )
-        if self.state.tokens >= total:
-            log.info("run %s already reached %d tokens; nothing to do", cfg.run_name, self.state.tokens)
+        if self.state.tokens >= train.total_tokens:
+            log.info("run %s already reached %d tokens; nothing to do", train.run_name, self.state.tokens)
             return {}
-        bar = _progress(total, self.state.tokens)
-        steps_here = 0
-        last: dict[str, float] = {}
-        start = time.perf_counter()
-        while self.state.tokens < total:
+        bar = _progress(train.total_tokens, self.state.tokens)
+        steps_here, start = 0, time.perf_counter()
+        stop: str | None = None
+        while stop is None:
             metrics = self.train_step()
             steps_here += 1
             step = self.state.step
+            stop = self._stop_reason(steps_here)
             if bar is not None:
                 bar.update(int(metrics["train/batch_tokens"]))
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
             if self.spikes.update(metrics["train/loss"]):
                 log.warning("loss spike at step %d: %.4f", step, metrics["train/loss"])
-            done = self.state.tokens >= total
-            stopping = self.preempted or (cfg.stop_after_steps and steps_here >= cfg.stop_after_steps)
-            if step % self.cfg.logging.log_every_steps == 0 or done or stopping:
+            if self.log_cadence.due(step, stopping=stop is not None):
                 metrics.update(self.throughput.report())
                 metrics.update(memory_gib())
                 self._log(metrics, step)
-            if cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
+            if self.eval_cadence.due(step, stopping=stop is not None):
                 self._log(self.evaluate(), step)
-            if done or (cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0):
+            if self.save_cadence.due(step, stopping=stop is not None):
                 self.save()
-            last = metrics
             self.drills.after_step(step)
-            if self.preempted and not done:
-                log.warning(
-                    "%s received: checkpointing at step %d and exiting", self.stop.name or "stop signal", step
-                )
-                if self.saved_step != step:
-                    self.save()
-                break
-            if cfg.stop_after_steps and steps_here >= cfg.stop_after_steps and not done:
-                log.info("stopping after %d steps in this process (train.stop_after_steps)", steps_here)
-                if self.saved_step != step:
-                    self.save()
-                break
         if bar is not None:
             bar.close()
-        if self.state.tokens >= total and not (
-            cfg.eval_every_steps and self.state.step % cfg.eval_every_steps == 0
-        ):
+        log.info(
+            "%s; trained %d steps in this process in %.1fs", stop, steps_here, time.perf_counter() - start
+        )
+        return {**metrics, **self.end_of_run(stop, steps_here)}
+
+    def _stop_reason(self, steps_here: int) -> str | None:
+        """Why the loop ends after this step, or None to go on."""
+        if self.state.tokens >= self.cfg.train.total_tokens:
+            return f"reached {self.cfg.train.total_tokens} tokens"
+        if self.preempted:
+            return (
+                f"{self.stop.name or 'stop signal'} received: checkpointed at step {self.state.step}, exiting"
+            )
+        if self.cfg.train.stop_after_steps and steps_here >= self.cfg.train.stop_after_steps:
+            return f"stopping after {steps_here} steps in this process (train.stop_after_steps)"
+        return None
+
+    def end_of_run(self, stop: str, steps_here: int) -> dict[str, float]:
+        """When the run has trained all its tokens: a final validation (unless its cadence just ran one) and, if
+        configured, the long-context suite."""
+        if self.state.tokens < self.cfg.train.total_tokens:
+            return {}
+        final: dict[str, float] = {}
+        if not self.eval_cadence.due(self.state.step, stopping=True):
             final = self.evaluate()
             self._log(final, self.state.step)
-            last.update(final)
-        if self.state.tokens >= total and steps_here and cfg.eval_long_context:
+        if steps_here and self.cfg.train.eval_long_context:
             self._log(self.evaluate_long_context(), self.state.step)
-        log.info("trained %d steps in this process in %.1fs", steps_here, time.perf_counter() - start)
-        return last
+        return final
+
+    def resume(self) -> None:
+        """Continue the newest committed checkpoint of this run; or, for a stage's first start, begin from its
+        parent; else start fresh. Then the run's files and its wandb run (the same id across restarts)."""
+        resumed = self.checkpoints.load_latest(self.engine)
+        if resumed is not None:
+            if "target_tokens" not in resumed:
+                log.warning(
+                    "the checkpoint predates target-token counting: train/target_tokens_total counts from 0"
+                )
+            self.state = TrainerState(**resumed)
+            self.loader.load_state_dict(self.state.loader)
+        elif self.parent is not None and self.data_start is not None:
+            start_from_parent(
+                self.cfg, self.parent, self.engine, self.checkpoints, self.env.is_main, self.data_start
+            )
+            if self.data_start.mode == "continue":
+                self.loader.load_state_dict(self.data_start.parent_loader)  # checks the order's fingerprint
+        self.state.tokenizer = tokenizer_record(self.tok_info)
+        self._write_run_files()
+        run_id = (self.state.wandb_run_id or wandb_run_id(self.run_dir)) if self.env.is_main else ""
+        self.state.wandb_run_id = collectives.broadcast_object(run_id)
+        if self.env.is_main:
+            logging = self.cfg.logging
+            self.tracker = RunTracker(
+                self.cfg,
+                self.run_dir,
+                self.state.wandb_run_id,
+                mode=logging.wandb_mode,
+                project=logging.wandb_project,
+                entity=logging.wandb_entity,
+            )
+            self.tracker.truncate_after(self.state.step)
+
+    def _write_run_files(self) -> None:
+        """The run's config, its parameter counts per rank and DeepSpeed's config, in the run directory."""
+        local, total = self.engine.local_parameter_count()
+        per_rank = [0.0] * self.env.world_size
+        per_rank[self.env.rank] = float(local)
+        per_rank = [int(x) for x in collectives.all_reduce_sum(per_rank, self.engine.device)]
+        log.info(
+            "model %s: %.2fM parameters, %.2fM on this rank (ZeRO-%d over %d ranks)",
+            self.cfg.model.name,
+            total / 1e6,
+            local / 1e6,
+            self.cfg.deepspeed.zero_stage,
+            self.env.world_size,
+        )
+        if not self.env.is_main:
+            return
+        run = RunDir(self.run_dir)
+        run.write_config(self.cfg)
+        summary = {
+            "parameters": total,
+            "parameters_per_rank": per_rank,
+            "world_size": self.env.world_size,
+            "weight_decay_parameters": self.engine.decay_parameter_names,
+        }
+        run.write_json(SUMMARY_FILE, summary)
+        run.write_json(DEEPSPEED_FILE, self.engine.ds_config)
 
     def evaluate_long_context(self) -> dict[str, float]:
         """The long-context suite (`pretrain.evaluation.long_report`) on the trained model, at its window: every rank runs
@@ -366,7 +392,6 @@ class Trainer:
     def save(self) -> None:
         self.state.loader = self.loader.state_dict()
         self.checkpoints.save(self.engine, self.state.step, self.state.to_dict())
-        self.saved_step = self.state.step
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
         if self.tracker is not None:
@@ -397,6 +422,7 @@ class Trainer:
         return continuation(self.tokenizer, ids, new)
 
     def close(self) -> None:
+        self.loader.close()
         if self.tracker is not None:
             self.tracker.finish()
 

@@ -25,6 +25,7 @@ import torch
 
 from pretrain.checkpoint import MARKER, CheckpointError, rng_file, tag_for
 from pretrain.config import compose_pretrain_config
+from pretrain.train import collectives
 from pretrain.train import engine as eng
 from tests.pretrain.checkpoint.crash_trials import (
     build_engine,
@@ -42,7 +43,7 @@ def damaging_gather(rank: int, damage) -> Any:
     calls = {"n": 0}
 
     def gather(obj: Any) -> list[Any]:
-        gathered = eng.all_gather_object(obj)
+        gathered = collectives.all_gather_object(obj)
         calls["n"] += 1
         if rank == 0 and calls["n"] == 1:
             damage()
@@ -93,19 +94,19 @@ def main() -> None:
     seen["save_3"] = save_expecting_failure(manager, engine, 3)
     seen["committed_3"] = (step3 / MARKER).exists()
 
-    manager.all_gather = eng.all_gather_object
+    manager.all_gather = collectives.all_gather_object
     stamp(engine, 4, rank)
     manager.save(engine, 4, trainer_state(4))
-    eng.barrier()
+    collectives.barrier()
     if rank == 0:
         (run / "checkpoints" / tag_for(4) / rng_file(1)).unlink()
-    eng.barrier()
+    collectives.barrier()
     stamp(engine, 0, rank)  # what is checked below must really have been loaded
     state = manager.load_latest(engine)
     seen["resumed_step"] = state["step"] if state else None
     seen["consistent"] = state is not None and loaded_step_is_consistent(engine, state, rank)
     seen["weights_step"] = float(master_partitions(engine)[0].flatten()[0])
-    eng.barrier()
+    collectives.barrier()
     seen["universal_dir"] = (run / "universal").exists()
     seen["broken"] = sorted(p.name for p in (run / "broken_checkpoints").glob("*"))
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(seen, indent=1))

@@ -65,25 +65,25 @@ def build_engine(cfg, rank: int, world_size: int, port: int):
 
 def real_manager(directory: Path, rank: int, world_size: int, keep: int = 2) -> CheckpointManager:
     """A CheckpointManager with the trainer's real collectives."""
-    from pretrain.train import engine as eng
+    from pretrain.train import collectives
 
     def all_ranks_ok(ok: bool) -> bool:
-        return eng.all_reduce_sum([0.0 if ok else 1.0], torch.device("cpu"))[0] == 0.0
+        return collectives.all_reduce_sum([0.0 if ok else 1.0], torch.device("cpu"))[0] == 0.0
 
     return CheckpointManager(
         directory,
         keep=keep,
         rank=rank,
-        barrier=eng.barrier,
+        barrier=collectives.barrier,
         all_ranks_ok=all_ranks_ok,
-        all_gather=eng.all_gather_object,
+        all_gather=collectives.all_gather_object,
         world_size=world_size,
     )
 
 
 def master_partitions(engine) -> list[torch.Tensor]:
     """The fp32 master weights ZeRO-3 saves and restores (a test reaches into DeepSpeed's optimizer here)."""
-    return list(engine.engine.optimizer.fp32_partitioned_groups_flat)
+    return list(engine.deepspeed_engine.optimizer.fp32_partitioned_groups_flat)
 
 
 def rng_seed(step: int, rank: int) -> int:

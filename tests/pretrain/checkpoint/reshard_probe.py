@@ -21,6 +21,7 @@ from data.loader import IGNORE_INDEX, split_micro_batches
 from pretrain.batching import batch_layout
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import compose_pretrain_config
+from pretrain.train import collectives
 from pretrain.train import engine as eng
 
 SEQUENCES, SEQ_LEN, MICRO = 8, 64, 2
@@ -48,7 +49,8 @@ def train_step(engine, env, step: int, vocab: int) -> None:
     micro = split_micro_batches({k: v[rows] for k, v in batch.items()}, MICRO)
     engine.set_lr(1e-3)
     for i, mb in enumerate(micro):
-        engine.forward_backward(mb, last=i == len(micro) - 1, global_targets=targets)
+        engine.backward(mb, last=i == len(micro) - 1, global_targets=targets)
+    engine.optimizer_step()
 
 
 def gathered_state(engine) -> dict:
@@ -59,7 +61,7 @@ def gathered_state(engine) -> dict:
         state[f"{name}/fp32"] = safe_get_full_fp32_param(param).clone()
         for key in ("exp_avg", "exp_avg_sq"):
             state[f"{name}/{key}"] = safe_get_full_optimizer_state(param, key).clone()
-    zero = engine.engine.optimizer
+    zero = engine.deepspeed_engine.optimizer
     steps = [zero.optimizer.state[flat]["step"] for flat in zero.fp32_partitioned_groups_flat]
     groups = [{k: v for k, v in g.items() if k != "params"} for g in zero.optimizer.param_groups]
     return {"tensors": state, "steps": [float(s) for s in steps], "groups": groups}
@@ -81,15 +83,15 @@ def main() -> None:
     engine = eng.TrainingEngine(cfg, env, layout)
 
     def all_ok(ok: bool) -> bool:
-        return eng.all_reduce_sum([0.0 if ok else 1.0], torch.device("cpu"))[0] == 0.0
+        return collectives.all_reduce_sum([0.0 if ok else 1.0], torch.device("cpu"))[0] == 0.0
 
     manager = CheckpointManager(
         Path(args.dir),
         3,
         env.rank,
-        eng.barrier,
+        collectives.barrier,
         all_ok,
-        all_gather=eng.all_gather_object,
+        all_gather=collectives.all_gather_object,
         world_size=env.world_size,
         seed=cfg.train.seed,
     )

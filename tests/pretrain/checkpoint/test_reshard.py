@@ -101,9 +101,9 @@ def test_a_killed_conversion_is_never_used_half_done(tmp_path):
     probe(2, "save", "--dir", str(run), "--steps", "1", "--out", str(tmp_path / "saved.pt"))
     checkpoint = run / "checkpoints" / "step_00000001"
     reference = tmp_path / "reference"
-    # The process says when its imports are done and the conversion itself begins: the kills are timed from
-    # there, within the time one whole conversion took, so neither the imports' time nor the machine's speed
-    # (or its load) decides where they land.
+    # The first kills land at set points of the writing (seen on disk), the others at random moments timed from
+    # when the process says its imports are done, within the time one whole conversion took: neither the
+    # imports' time nor the machine's speed (or its load) decides whether a kill lands inside a conversion.
     script = (
         "import sys; from pathlib import Path; import deepspeed.checkpoint.ds_to_universal; "
         "from pretrain.checkpoint import reshard; print('converting', flush=True); "
@@ -128,10 +128,21 @@ def test_a_killed_conversion_is_never_used_half_done(tmp_path):
     expected = files_of(reshard.committed_copy(reference, checkpoint.name, checkpoint))
     rng = random.Random(11)
     outcomes = set()
+
+    def writing(proc: subprocess.Popen, min_files: int) -> bool:
+        """This process's staging directory exists and holds at least `min_files` files."""
+        staging = run / "universal" / f".staging-{proc.pid}"
+        return staging.is_dir() and sum(1 for f in staging.rglob("*") if f.is_file()) >= min_files
+
     for trial in range(6):
         proc, began = start(run)
-        # The first kills land inside the conversion, the last ones around its end.
-        time.sleep(max(0.0, began + rng.uniform(0.0, 0.8 if trial < 4 else 1.5) * whole - time.monotonic()))
+        if trial < 3:  # at set points of the writing: as the staging directory appears, then mid-write
+            while proc.poll() is None and not writing(proc, min_files=(0, 1, 8)[trial]):
+                time.sleep(0.001)
+        else:  # at random moments within (and, for the last ones, around the end of) a whole conversion
+            time.sleep(
+                max(0.0, began + rng.uniform(0.0, 0.8 if trial < 5 else 1.5) * whole - time.monotonic())
+            )
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         found = reshard.committed_copy(run, checkpoint.name, checkpoint)

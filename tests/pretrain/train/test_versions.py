@@ -58,7 +58,7 @@ class MovedZeroOptimizer(ZeROOptimizer):
 def engine_over(ds_engine, zero_stage: int = 3) -> TrainingEngine:
     """Our `TrainingEngine` around `ds_engine`, without building a model (only the repairs are exercised)."""
     engine = object.__new__(TrainingEngine)
-    engine.engine = ds_engine
+    engine.deepspeed_engine = ds_engine
     engine.cfg = SimpleNamespace(deepspeed=SimpleNamespace(zero_stage=zero_stage))
     engine.initial_group_hyperparameters = [{"weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-8}]
     return engine
@@ -72,7 +72,9 @@ def test_step_counter_repair_fails_loudly_without_zero3_partitions():
     engine = engine_over(SimpleNamespace(optimizer=MovedZeroOptimizer(optimizer=inner())))
     with pytest.raises(RuntimeError, match=r"fp32_partitioned_groups_flat.*DeepSpeed 0\.19\.8"):
         engine._unshare_step_counters()
-    engine_over(engine.engine, zero_stage=2)._unshare_step_counters()  # nothing to repair on ZeRO-1/2
+    engine_over(
+        engine.deepspeed_engine, zero_stage=2
+    )._unshare_step_counters()  # nothing to repair on ZeRO-1/2
 
 
 @pytest.mark.parametrize("repair", ["universal", "restart"])
