@@ -55,11 +55,34 @@ class BatchSchedule:
         grown = 1 + (tokens * (multiple - 1)) // self.ramp_tokens
         return self.start * min(multiple, grown)
 
+    def next_change(self, tokens: int) -> int | None:
+        """The first token count after `tokens` at which the batch grows, or None when it has stopped growing."""
+        if not self.start or self.start == self.final or self.ramp_tokens <= 0:
+            return None
+        multiple, now = self.final // self.start, self(tokens) // self.start
+        if now >= multiple:
+            return None
+        return -(-now * self.ramp_tokens // (multiple - 1))
+
     def sizes(self) -> list[int]:
         """Every batch size the schedule passes through, smallest first."""
         if not self.start or self.start == self.final:
             return [self.final]
         return [self.start * m for m in range(1, self.final // self.start + 1)]
+
+
+def count_steps(batch: BatchSchedule, total_tokens: int) -> int:
+    """How many optimizer steps consume `total_tokens`: `len(plan_steps(...))`, counted phase by phase of the
+    batch ramp instead of step by step (a 2T-token run has over a hundred million steps)."""
+    steps = tokens = 0
+    while tokens < total_tokens:
+        size = batch(tokens)
+        change = batch.next_change(tokens)
+        end = total_tokens if change is None else min(change, total_tokens)
+        run = max(1, -(-(end - tokens) // size))
+        steps += run
+        tokens += run * size
+    return steps
 
 
 def plan_steps(batch: BatchSchedule, total_tokens: int) -> list[int]:

@@ -28,7 +28,7 @@ from pretrain.model.flops import count_parameters, flops_per_token
 from pretrain.planning.hardware import PEAK_BF16_TFLOPS
 from pretrain.planning.memory_model import GIB, MemoryEstimate, ParamInventory, Strategy, zero3_memory
 from pretrain.planning.plan_table import render_table
-from pretrain.schedule import plan_steps
+from pretrain.schedule import count_steps
 
 # Device memory outside what torch.cuda.max_memory_allocated counts (CUDA context, NCCL buffers, cuBLAS and
 # kernel workspaces), and the caching allocator's fragmentation on top of what it counts.
@@ -250,7 +250,7 @@ def build_plan(cfg: PlanConfig) -> dict[str, Any]:
             "total_tokens": train.total_tokens,
             "total_flops": total_flops,
             "six_pc_flops": 6.0 * params * train.total_tokens,
-            "optimizer_steps": len(plan_steps(batch, train.total_tokens)),
+            "optimizer_steps": count_steps(batch, train.total_tokens),
             "final_step_seconds": train.global_batch_tokens * per_token / cluster_flops,
             "tokens_per_second": cluster_flops / per_token,
             "seconds": seconds,

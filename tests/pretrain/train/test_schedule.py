@@ -6,7 +6,7 @@ import math
 import pytest
 
 from pretrain.config import compose_pretrain_config
-from pretrain.schedule import BatchSchedule, LRSchedule, plan_steps
+from pretrain.schedule import BatchSchedule, LRSchedule, count_steps, plan_steps
 from tests.helpers import read_metrics
 
 
@@ -94,3 +94,13 @@ def test_the_trainer_applies_the_formula_at_the_tokens_consumed(debug_run):
         assert m["train/tokens"] == consumed[step], step
         expected = reference_lr(consumed[step], peak, warmup, total, min_ratio)
         assert m["train/lr"] == pytest.approx(expected, rel=1e-12), step
+
+
+@pytest.mark.parametrize(
+    ("final", "start", "ramp", "total"),
+    [(4096, 1024, 16384, 65536), (4096, 0, 0, 65536), (4096, 1024, 16384, 5000), (8192, 1024, 100_000, 300_001),
+     (6144, 2048, 7, 40_000), (4096, 1024, 0, 9000), (4096, 4096, 10_000, 9000)],
+)  # fmt: skip
+def test_counted_steps_are_the_planned_steps(final, start, ramp, total):
+    batch = BatchSchedule(final=final, start=start, ramp_tokens=ramp)
+    assert count_steps(batch, total) == len(plan_steps(batch, total))
