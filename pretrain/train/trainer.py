@@ -260,6 +260,8 @@ class Trainer:
             steps_here += 1
             step = self.state.step
             stop = self._stop_reason(steps_here)
+            if stop is not None:
+                (log.warning if self.preempted else log.info)("%s", stop)
             if bar is not None:
                 bar.update(int(metrics["train/batch_tokens"]))
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
@@ -276,9 +278,7 @@ class Trainer:
             self.drills.after_step(step)
         if bar is not None:
             bar.close()
-        log.info(
-            "%s; trained %d steps in this process in %.1fs", stop, steps_here, time.perf_counter() - start
-        )
+        log.info("trained %d steps in this process in %.1fs", steps_here, time.perf_counter() - start)
         return {**metrics, **self.end_of_run(stop, steps_here)}
 
     def _stop_reason(self, steps_here: int) -> str | None:
@@ -286,9 +286,8 @@ class Trainer:
         if self.state.tokens >= self.cfg.train.total_tokens:
             return f"reached {self.cfg.train.total_tokens} tokens"
         if self.preempted:
-            return (
-                f"{self.stop.name or 'stop signal'} received: checkpointed at step {self.state.step}, exiting"
-            )
+            name = self.stop.name or "stop signal"
+            return f"{name} received: checkpointing at step {self.state.step} and exiting"
         if self.cfg.train.stop_after_steps and steps_here >= self.cfg.train.stop_after_steps:
             return f"stopping after {steps_here} steps in this process (train.stop_after_steps)"
         return None
