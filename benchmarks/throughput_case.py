@@ -139,7 +139,7 @@ def attention_path(cfg: Any, impl: str, documents: int, cuda: bool) -> str:
     auto_flex = cfg.model.attention == "auto" and cuda
     if flex_attention is not None and (cfg.model.attention == "flex" or auto_flex):
         return "flex, document-causal block mask"
-    if documents == 1:  # one document per row needs no mask (pretrain.model.transformer.document_mask)
+    if documents == 1:  # one document per row needs no mask (pretrain.model.transformer.attention_mask)
         return "sdpa is_causal, one document per row"
     return "sdpa, boolean document mask"
 

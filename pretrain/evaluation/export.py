@@ -1,9 +1,14 @@
-"""A trained checkpoint as a Hugging Face Llama directory: `python -m pretrain.export runs/<name> [out=DIR]`.
+"""A trained checkpoint as a Hugging Face model directory: `python -m pretrain.export runs/<name> [out=DIR]`.
+
+A full-attention model is a `LlamaForCausalLM`; one with `model.sliding_window` is a `MistralForCausalLM` (the
+same weights and names, plus the window), which transformers masks exactly as we train; an MoE model
+(`model.moe`) is a `MixtralForCausalLM` (the router renamed `gate`; the fused expert tensors are already in its
+layout).
 
 The ZeRO-3 shards are consolidated on CPU into one fp32 state dict by DeepSpeed's own `zero_to_fp32` (no process
 group, no GPU; `pretrain.checkpoint`), renamed to Hugging Face's Llama names and written as `model.safetensors`
 next to a `config.json`, a `generation_config.json` and the run's tokenizer files.
-`transformers.LlamaForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)` then load it, and
+`transformers.AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)` then load it, and
 so does anything built on them (lm-evaluation-harness, vLLM). The config is written as plain JSON so that
 exporting never needs transformers installed.
 """
@@ -37,6 +42,7 @@ _LAYER_RENAMES = (
     ("attn_norm.", "input_layernorm."),
     ("attn.", "self_attn."),
     ("mlp_norm.", "post_attention_layernorm."),
+    ("mlp.router.", "mlp.gate."),  # an MoE layer's router; its experts keep their names and layout
     ("mlp.", "mlp."),
 )
 _LAYER_NAME = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -135,6 +141,52 @@ def llama_config(cfg: ModelConfig, bos_id: int, eos_id: int, pad_id: int, dtype:
     return config
 
 
+def mistral_config(cfg: ModelConfig, bos_id: int, eos_id: int, pad_id: int, dtype: str) -> dict:
+    """`config.json` of a MistralForCausalLM: the Llama config (same weights, RoPE and norms) with the sliding
+    window, whose meaning is ours (W keys, the query's own included, in every layer). Mistral has no bias
+    switches, so Llama's are left out."""
+    config = llama_config(cfg, bos_id, eos_id, pad_id, dtype)
+    for key in ("attention_bias", "mlp_bias"):
+        del config[key]
+    config.update(
+        architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=cfg.sliding_window
+    )
+    return config
+
+
+def mixtral_config(cfg: ModelConfig, bos_id: int, eos_id: int, pad_id: int, dtype: str) -> dict:
+    """`config.json` of a MixtralForCausalLM: Mistral's (window or null) with every layer an MoE layer of
+    `num_local_experts` experts of width `intermediate_size`, `num_experts_per_tok` per token. Mixtral has no
+    dense layers, so an MoE model with `every_n_layers` > 1 is refused. transformers' router loss counts per
+    token what ours counts per assignment (top_k times ours), so its coefficient is ours / top_k."""
+    moe = cfg.moe
+    if moe.every_n_layers != 1:
+        raise ExportError(
+            f"model.moe.every_n_layers={moe.every_n_layers}: a MixtralForCausalLM has experts in every layer, "
+            "so a model with dense layers between its MoE layers has no transformers equivalent to export to"
+        )
+    config = mistral_config(cfg, bos_id, eos_id, pad_id, dtype)
+    config.update(
+        architectures=["MixtralForCausalLM"],
+        model_type="mixtral",
+        intermediate_size=cfg.expert_ffn_dim,
+        num_local_experts=moe.num_experts,
+        num_experts_per_tok=moe.top_k,
+        router_aux_loss_coef=moe.load_balance_coef / moe.top_k,
+        router_jitter_noise=0.0,
+        output_router_logits=False,
+    )
+    return config
+
+
+def hf_config(cfg: ModelConfig, bos_id: int, eos_id: int, pad_id: int, dtype: str) -> dict:
+    """The exported `config.json`: Mixtral's for an MoE model, Mistral's for a windowed one, else Llama's."""
+    if cfg.moe.enabled:
+        return mixtral_config(cfg, bos_id, eos_id, pad_id, dtype)
+    make = llama_config if cfg.sliding_window is None else mistral_config
+    return make(cfg, bos_id, eos_id, pad_id, dtype)
+
+
 def generation_config(bos_id: int, eos_id: int, pad_id: int) -> dict:
     return {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
 
@@ -147,7 +199,7 @@ def write_hf_model(
     dtype: str = "fp32",
     add_bos: bool = True,
 ) -> Path:
-    """Write `state` (our names, as `Transformer.state_dict()` or the consolidation gives) as an HF Llama dir.
+    """Write `state` (our names, as `Transformer.state_dict()` or the consolidation gives) as an HF model dir.
 
     `add_bos` is the run's `data.add_bos`: whether its documents started with BOS, so that the exported
     tokenizer encodes text the way training did. Everything goes to a temporary sibling directory first and is
@@ -169,7 +221,7 @@ def write_hf_model(
         tensors = hf_state_dict(state, cfg, torch_dtype)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         ids = (info.bos_id, info.eos_id, info.pad_id)
-        atomic_write_json(tmp / "config.json", llama_config(cfg, *ids, dtype=hf_dtype))
+        atomic_write_json(tmp / "config.json", hf_config(cfg, *ids, dtype=hf_dtype))
         atomic_write_json(tmp / "generation_config.json", generation_config(*ids))
         for name in TOKENIZER_FILES:
             source = Path(tokenizer_dir) / name

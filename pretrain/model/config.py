@@ -7,7 +7,7 @@ the exporters read one definition, and a wrong value fails with the key named.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -34,6 +34,64 @@ def dtype_name(name: str, key: str) -> str:
     canonical = DTYPE_ALIASES.get(name, name)
     require(canonical in DTYPES, key, f"must be one of {sorted(DTYPES)}, got {name!r}")
     return canonical
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forward layers (Mixtral); `num_experts: 0` keeps every layer dense.
+
+    Each MoE layer has `num_experts` SwiGLU experts of width `expert_ffn_dim` and a router; every token goes to
+    its `top_k` experts, weighted by a softmax over their router logits (Mixtral's renormalised top-k). Routing
+    is dropless: every token is computed by every expert it picks, whatever the imbalance (no capacity factor).
+    """
+
+    num_experts: int = 0
+    top_k: int = 2
+    # Hidden width of each expert's SwiGLU; None = the model's ffn_dim.
+    expert_ffn_dim: int | None = None
+    # Layer i (from 0) is an MoE layer when (i + 1) % every_n_layers == 0: 1 = every layer (Mixtral), 2 = every
+    # other layer (GShard, Switch).
+    every_n_layers: int = 1
+    # Switch Transformer's load-balancing loss, E * sum_e f_e * P_e per layer (f_e: share of the token-to-expert
+    # assignments that went to e, P_e: mean router probability of e; 1 when perfectly balanced), times this.
+    load_balance_coef: float = 0.01
+    # ST-MoE's router z-loss, mean over tokens of logsumexp(router logits)^2, times this.
+    z_loss_coef: float = 0.001
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.enabled and (index + 1) % self.every_n_layers == 0
+
+    def validate(self, key: str) -> None:
+        require(
+            self.num_experts >= 0, f"{key}.num_experts", f"must be >= 0 (0 = dense), got {self.num_experts}"
+        )
+        if not self.enabled:
+            for item in fields(self):
+                if item.name != "num_experts":
+                    default = getattr(MoEConfig, item.name)
+                    require(
+                        getattr(self, item.name) == default,
+                        f"{key}.{item.name}",
+                        f"is read only with experts ({key}.num_experts > 0); leave it at {default}",
+                    )
+            return
+        require(
+            1 <= self.top_k <= self.num_experts,
+            f"{key}.top_k",
+            f"must be between 1 and {key}.num_experts ({self.num_experts}), got {self.top_k}",
+        )
+        require(
+            self.expert_ffn_dim is None or self.expert_ffn_dim >= 1,
+            f"{key}.expert_ffn_dim",
+            f"must be a positive integer or null (the model's ffn_dim), got {self.expert_ffn_dim}",
+        )
+        require(self.every_n_layers >= 1, f"{key}.every_n_layers", f"must be >= 1, got {self.every_n_layers}")
+        for name in ("load_balance_coef", "z_loss_coef"):
+            require(getattr(self, name) >= 0, f"{key}.{name}", f"must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -79,6 +137,16 @@ class ModelConfig:
     attention: str = "auto"
     # Rows of logits upcast to fp32 at a time in the loss (0 = all at once).
     loss_chunk_size: int = 2048
+    # Sliding-window attention (Mistral): each token attends to the last `sliding_window` tokens of its
+    # document, itself included (transformers' MistralConfig.sliding_window), in every layer; the receptive
+    # field still grows by a window per layer. None = full causal attention.
+    sliding_window: int | None = None
+    # Mixture-of-Experts feed-forward layers; off by default (model.moe.num_experts=0).
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def expert_ffn_dim(self) -> int:
+        return self.moe.expert_ffn_dim or self.ffn_dim
 
     @property
     def kv_heads(self) -> int:
@@ -87,6 +155,10 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    def windowed(self, length: int) -> bool:
+        """Whether the sliding window excludes anything at `length` tokens (a window >= length is full attention)."""
+        return self.sliding_window is not None and self.sliding_window < length
 
     @property
     def rope_theta(self) -> float:
@@ -124,6 +196,12 @@ class ModelConfig:
             f"{key}.attention",
             f"must be one of {ATTENTION_BACKENDS}, got {self.attention!r}",
         )
+        require(
+            self.sliding_window is None or self.sliding_window >= 1,
+            f"{key}.sliding_window",
+            f"must be a positive number of tokens or null (full attention), got {self.sliding_window}",
+        )
+        self.moe.validate(f"{key}.moe")
         require(
             self.loss_chunk_size >= 0,
             f"{key}.loss_chunk_size",

@@ -4,8 +4,9 @@ Pre-norm RMSNorm, rotary position embeddings (RoPE; for long contexts a larger b
 YaRN), grouped-query attention, a SwiGLU feed-forward block, no biases and no dropout. Weight names and the
 RoPE layout (rotate-half) follow Hugging Face's Llama, so an export is a rename and nothing more.
 
-Packed batches carry `document_ids` and `position_ids`; attention then never crosses a document. On CUDA this
-uses FlexAttention with a document-causal block mask (memory linear in the sequence length), compiled for a
+Packed batches carry `document_ids` and `position_ids`; attention then never crosses a document. With
+`sliding_window` W (Mistral) a token also sees only the last W tokens, itself included; one predicate
+(`keep_pair`) defines both. On CUDA this uses FlexAttention with that block mask (memory linear in the sequence length), compiled for a
 bounded set of shapes (`pretrain.model.flex_compile`); elsewhere a boolean [B, 1, T, T] mask goes to
 scaled_dot_product_attention, but only when some row really holds several documents: a batch of one document
 per row is plain causal attention (`is_causal=True`), which SDPA runs with its flash or memory-efficient kernels.
@@ -13,8 +14,9 @@ An arbitrary mask rules flash out, and for grouped-query attention on CUDA that 
 builds the whole [B, H, T, S] score tensor.
 
 For generation, a `KVCache` keeps past keys and values so each new token costs one position, not the whole
-prefix; without a cache (training) nothing changes. The prefill is causal attention without a mask, and a single
-new token attends to every cached key without a mask either.
+prefix (a ring of W slots for a windowed model); without a cache (training) nothing changes. The prefill is
+causal attention without a mask (within the window), and a single new token attends to every key the cache
+returns without a mask either.
 
 Nothing here knows about DeepSpeed: the engine wraps the model, and activation checkpointing is injected from
 outside through `Transformer.set_activation_checkpointing`. Every module initializes its own weights inside its
@@ -35,7 +37,8 @@ from torch.utils.checkpoint import checkpoint
 
 from pretrain.model.config import ModelConfig
 from pretrain.model.flex_compile import BatchPadding, ShapeBoundedCompile, pad_rows
-from pretrain.model.kv_cache import KVCache
+from pretrain.model.kv_cache import ATTEND_ALL, KVCache
+from pretrain.model.moe import MoEFeedForward
 from pretrain.model.rope import Yarn, apply_rope, positions_from_documents, rope_tables
 
 # Labels of positions without a target (padding, a document's first token): torch's cross_entropy default,
@@ -78,9 +81,6 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-# The mask value that lets every query see every key: one new token decoding against the whole cache.
-ATTEND_ALL = "attend_all"
-
 _compiled: dict[str, ShapeBoundedCompile] = {}
 _flex_batches = BatchPadding()  # FlexAttention batches are padded up to the largest seen at their length
 
@@ -100,33 +100,66 @@ def has_document_boundary(document_ids: torch.Tensor) -> bool:
     return bool((document_ids[:, 1:] != document_ids[:, :-1]).any())
 
 
-def document_mask(cfg: ModelConfig, document_ids: torch.Tensor | None) -> Any:
-    """The attention mask for a batch: None (plain causal), a FlexAttention BlockMask, or a bool [B,1,T,T].
+def keep_pair(document_ids: torch.Tensor | None, window: int | None) -> Callable[..., torch.Tensor]:
+    """The one definition of which (query, key) pairs attention keeps, as a FlexAttention `mask_mod`: causal,
+    within the query's document (when `document_ids` are given) and, with a window W, at most W - 1 tokens
+    back (W keys, the query's own included, as transformers' Mistral). Called with broadcastable index
+    tensors it gives the dense mask, so the block mask and SDPA's boolean mask cannot disagree."""
+
+    def keep(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        kept = q_idx >= kv_idx
+        if window is not None:
+            kept = kept & (q_idx - kv_idx < window)
+        if document_ids is not None:
+            kept = kept & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+        return kept
+
+    return keep
+
+
+def dense_mask(
+    keep: Callable[..., torch.Tensor], batch: int, length: int, device: torch.device
+) -> torch.Tensor:
+    """`keep` evaluated on every (row, query, key): a boolean [batch, 1, length, length] mask for SDPA."""
+    rows = torch.arange(batch, device=device)[:, None, None]
+    index = torch.arange(length, device=device)
+    return keep(rows, None, index[None, :, None], index[None, None, :])[:, None]
+
+
+def attention_mask(
+    cfg: ModelConfig,
+    length: int,
+    document_ids: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> Any:
+    """The attention mask of a training batch: None (plain causal), a FlexAttention BlockMask, or a bool
+    [B or 1, 1, T, T], for causal attention within each document and the model's sliding window.
 
     Padding (document id -1) attends only to earlier padding, so no row is ever fully masked. A BlockMask may
     have more rows than the batch: a smaller batch is padded with padding rows up to the largest batch seen at
     its length, so the tail batches of an evaluation reuse the compiled kernel of the full ones.
     """
-    if document_ids is None:
-        return None
+    window = cfg.sliding_window if cfg.windowed(length) else None
+    if document_ids is not None:
+        device = document_ids.device
+    elif window is None:
+        return None  # one document a row, nothing out of the window: plain causal attention
+    device = torch.device("cpu") if device is None else torch.device(device)
     use_flex = flex_attention is not None and (
-        cfg.attention == "flex" or (cfg.attention == "auto" and document_ids.is_cuda)
+        cfg.attention == "flex" or (cfg.attention == "auto" and device.type == "cuda")
     )
-    batch, length = document_ids.shape
     if use_flex:
-        rows = _flex_batches.pad_batch(batch, (length, str(document_ids.device)))
-        ids = pad_rows(document_ids, rows, -1)
-
-        def document_causal(b, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & (ids[b, q_idx] == ids[b, kv_idx])
-
-        make_mask = _on_cuda(create_block_mask, document_ids.device)
-        return make_mask(document_causal, rows, None, length, length, device=document_ids.device)
-    if not has_document_boundary(document_ids):
+        rows = None  # without documents the mask is the same for every row
+        ids = None
+        if document_ids is not None:
+            rows = _flex_batches.pad_batch(document_ids.shape[0], (length, str(device)))
+            ids = pad_rows(document_ids, rows, -1)
+        make_mask = _on_cuda(create_block_mask, device)
+        return make_mask(keep_pair(ids, window), rows, None, length, length, device=device)
+    if document_ids is not None and window is None and not has_document_boundary(document_ids):
         return None  # one document per row: plain causal attention, no mask
-    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
-    same_document = document_ids[:, :, None] == document_ids[:, None, :]
-    return (causal & same_document)[:, None]
+    batch = 1 if document_ids is None else document_ids.shape[0]
+    return dense_mask(keep_pair(document_ids, window), batch, length, device)
 
 
 class Attention(nn.Module):
@@ -154,7 +187,7 @@ class Attention(nn.Module):
             k, v = cache.append(self.layer_index, k, v)
         gqa = self.n_kv_heads != self.n_heads
         if BlockMask is not None and isinstance(mask, BlockMask):
-            rows = mask.shape[0]  # the mask may cover a padded batch (see document_mask)
+            rows = mask.shape[0]  # the mask may cover a padded batch (see attention_mask)
             q, k, v = pad_rows(q, rows), pad_rows(k, rows), pad_rows(v, rows)
             out = _on_cuda(flex_attention, q.device)(q, k, v, block_mask=mask, enable_gqa=gqa)[:batch]
         elif mask is None:
@@ -180,19 +213,27 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """One pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    The mlp is a SwiGLU, or in an MoE layer (`model.moe`) a router and experts; an MoE block then returns its
+    router loss and statistics beside x, as outputs, so activation checkpointing keeps their gradient.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_index: int = 0) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg, layer_index)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = FeedForward(cfg)
+        self.is_moe = cfg.moe.is_moe_layer(layer_index)
+        self.mlp = MoEFeedForward(cfg) if self.is_moe else FeedForward(cfg)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any, cache: KVCache | None = None
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        if self.is_moe:
+            out, router_loss, stats = self.mlp(self.mlp_norm(x))
+            return x + out, router_loss, stats
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -211,6 +252,10 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.checkpoint_fn: Callable[..., torch.Tensor] | None = None
         self.checkpoint_every = 1
+        # Of the last forward, with MoE layers: the weighted router losses averaged over those layers (with its
+        # gradient; the trainer adds it to the objective) and their detached statistics [MoE layers, 3 + E].
+        self.router_loss: torch.Tensor | None = None
+        self.router_stats: torch.Tensor | None = None
 
     def set_activation_checkpointing(self, fn: Callable[..., torch.Tensor] | None, every_n: int = 1) -> None:
         """Recompute every `every_n`-th block in backward: forward calls `fn(block, x, cos, sin, mask)`.
@@ -253,15 +298,12 @@ class Transformer(nn.Module):
                 position_ids = positions_from_documents(document_ids)
         cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, Yarn.of(cfg))
         if cache is None:
-            mask = document_mask(cfg, document_ids)
-        elif past == 0:  # prefill: the cache holds exactly this input's keys, so plain causal attention
-            mask = None
-        elif length == 1:  # one new token may see every cached key, itself included
-            mask = ATTEND_ALL
-        else:  # query t (position past + t) sees every key up to and including its own position
-            mask = torch.ones(length, past + length, dtype=torch.bool, device=input_ids.device).tril(past)
+            mask = attention_mask(cfg, length, document_ids, input_ids.device)
+        else:
+            mask = cache.attention_mask(length, input_ids.device)
 
         x = self.embed_tokens(input_ids)
+        router_losses, router_stats = [], []
         for index, layer in enumerate(self.layers):
             if cache is not None:
                 x = layer(x, cos, sin, mask, cache)
@@ -269,6 +311,13 @@ class Transformer(nn.Module):
                 x = self.checkpoint_fn(layer, x, cos, sin, mask)
             else:
                 x = layer(x, cos, sin, mask)
+            if isinstance(x, tuple):  # an MoE layer
+                x, router_loss, stats = x
+                router_losses.append(router_loss)
+                router_stats.append(stats)
+        if router_losses:
+            self.router_loss = torch.stack(router_losses).mean()
+            self.router_stats = torch.stack(router_stats)
         if cache is not None:
             cache.length += length
         x = self.norm(x)

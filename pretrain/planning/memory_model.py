@@ -129,9 +129,27 @@ def activation_memory(
     norms = 2 * (FP32 + act + act) * bth
     attention = (3 * act + 2 * act * kv_ratio) * bth + FP32 * b * model.n_heads * t  # + log-sum-exp
     layer_full = int(norms + attention + 4 * act * btf)
+    layers = model.n_layers
+    moe_layers = sum(model.moe.is_moe_layer(i) for i in range(layers))
+    if moe_layers:
+        # An MoE layer's SwiGLU runs top_k experts of width expert_ffn_dim per token, on routed copies of the
+        # tokens (gathered input, expert output, weighted output), after fp32 router logits and probabilities.
+        k = model.moe.top_k
+        moe_full = int(
+            norms
+            + attention
+            + 4 * act * b * t * k * model.expert_ffn_dim
+            + 3 * act * k * bth
+            + 2 * FP32 * b * t * model.moe.num_experts
+        )
+        # Saved layers are counted at their mean size; backward's one recomputed layer at the larger kind.
+        mean_full = (moe_layers * moe_full + (layers - moe_layers) * layer_full) // layers
+        backward_full, layer_full = max(moe_full, layer_full), mean_full
+        btf = b * t * max(model.ffn_dim, k * model.expert_ffn_dim)
+    else:
+        backward_full = layer_full
     layer_checkpointed = act * bth
 
-    layers = model.n_layers
     checkpointed = 0 if checkpoint_every <= 0 else math.ceil(layers / checkpoint_every)
     rope_tables = 2 * FP32 * b * t * model.head_dim
     mask = b * t * t if dense_mask else 0  # the boolean [B, 1, T, T] document mask of the SDPA path
@@ -154,7 +172,7 @@ def activation_memory(
     )
     # Backward of a recomputed layer holds its activations; without recomputation the SwiGLU gradients
     # (two b*t*ffn tensors) are the largest transient.
-    layer_backward = layer_full if checkpointed else 2 * act * btf
+    layer_backward = backward_full if checkpointed else 2 * act * btf
     return ActivationMemory(
         layer_full=layer_full,
         layer_checkpointed=layer_checkpointed,

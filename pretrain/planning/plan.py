@@ -24,7 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from data.cli import CONF_DIR, compose_conf, to_config
 from pretrain.batching import schedule_layouts
 from pretrain.config import ConfigError, PretrainConfig, register_configs, typed_pretrain_config
-from pretrain.model.flops import count_parameters, flops_per_token
+from pretrain.model.flops import count_active_parameters, count_parameters, flops_per_token
 from pretrain.planning.hardware import PEAK_BF16_TFLOPS
 from pretrain.planning.memory_model import GIB, MemoryEstimate, ParamInventory, Strategy, zero3_memory
 from pretrain.planning.plan_table import render_table
@@ -213,7 +213,7 @@ def build_plan(cfg: PlanConfig) -> dict[str, Any]:
     """Everything the planner reports, as plain data (the JSON output)."""
     cluster, model, train = cfg.cluster, cfg.model, cfg.train
     seq_len, world = cfg.data.packing.seq_len, cluster.world_size
-    params = count_parameters(model)
+    params, active = count_parameters(model), count_active_parameters(model)
     inventory = ParamInventory.of(model, cfg.optim)
     per_token = flops_per_token(model, seq_len)
     total_flops = per_token * train.total_tokens
@@ -242,14 +242,16 @@ def build_plan(cfg: PlanConfig) -> dict[str, Any]:
         "model": {
             "name": model.name,
             "parameters": params,
+            "active_parameters": active,
             "non_embedding_parameters": params - model.vocab_size * model.dim,
             "flops_per_token": per_token,
             "seq_len": seq_len,
+            "sliding_window": model.sliding_window,
         },
         "compute": {
             "total_tokens": train.total_tokens,
             "total_flops": total_flops,
-            "six_pc_flops": 6.0 * params * train.total_tokens,
+            "six_pc_flops": 6.0 * active * train.total_tokens,
             "optimizer_steps": count_steps(batch, train.total_tokens),
             "final_step_seconds": train.global_batch_tokens * per_token / cluster_flops,
             "tokens_per_second": cluster_flops / per_token,

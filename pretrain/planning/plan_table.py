@@ -19,9 +19,18 @@ def render_table(plan: dict[str, Any]) -> str:
     """The plan as text for a terminal."""
     m, c, cl = plan["model"], plan["compute"], plan["cluster"]
     lines = [
-        f"model {m['name']}: {m['parameters']:,} parameters ({m['non_embedding_parameters']:,} non-embedding), "
-        f"seq_len {m['seq_len']}",
-        f"FLOPs per token {m['flops_per_token']:.4g} (6N + attention); "
+        f"model {m['name']}: {m['parameters']:,} parameters ({m['non_embedding_parameters']:,} non-embedding"
+        + (
+            f"; {m['active_parameters']:,} active per token"
+            if m["active_parameters"] != m["parameters"]
+            else ""
+        )
+        + "), "
+        f"seq_len {m['seq_len']}"
+        + (f", sliding window {m['sliding_window']}" if m.get("sliding_window") else ""),
+        f"FLOPs per token {m['flops_per_token']:.4g} (6N + attention"
+        + (" in the window" if m.get("sliding_window") else "")
+        + "); "
         f"{c['total_tokens']:.4g} tokens -> {c['total_flops']:.4g} FLOPs (6PC: {c['six_pc_flops']:.4g})",
         f"cluster {cl['nodes']} node(s) x {cl['gpus_per_node']} {cl['gpu']} = {cl['world_size']} GPU(s), "
         f"{cl['peak_tflops']:.0f} TFLOP/s peak bf16, {cl['gpu_memory_gib']:.1f} GiB each, MFU {cl['mfu']:.0%}",

@@ -27,6 +27,7 @@ from pretrain.planning.hardware import cpu_threads_per_rank, resolve_precision
 from pretrain.train import versions
 from pretrain.train.collectives import barrier, broadcast_object
 from pretrain.train.dist_env import DistEnv, cuda_device_index, dist_env, launch_environment
+from pretrain.train.metrics import RouterStats
 
 log = get_logger(__name__)
 
@@ -193,6 +194,9 @@ class TrainingEngine:
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
         self.model = model
+        self.router_stats = RouterStats(
+            [i for i in range(cfg.model.n_layers) if cfg.model.moe.is_moe_layer(i)]
+        )
         self.device = torch.device(self.deepspeed_engine.device)
 
     # -- batch and LR -------------------------------------------------------------------------------------
@@ -234,7 +238,15 @@ class TrainingEngine:
         if poison:
             loss_sum = loss_sum * float("nan")
         scale = self.env.world_size / max(1, global_targets)
-        self.deepspeed_engine.backward(loss_sum * scale, scale_wrt_gas=False)
+        objective = loss_sum * scale
+        if self.model.router_loss is not None:
+            # MoE: the router losses of each micro-batch weigh 1 / accumulation steps, so after DeepSpeed's
+            # average over ranks the objective holds their mean over every micro-batch of the global batch
+            # (Megatron-Core's normalisation); their statistics are kept for the step log.
+            objective = objective + self.model.router_loss / self.accumulation_steps
+            self.router_stats.add(self.model.router_stats)
+            self.model.router_loss = None
+        self.deepspeed_engine.backward(objective, scale_wrt_gas=False)
         return loss_sum.detach()
 
     def optimizer_step(self) -> OptimizerStep:

@@ -12,6 +12,7 @@ from collections import deque
 import torch
 
 from pretrain.model.flops import ModelFlops
+from pretrain.train.collectives import all_reduce_sum
 
 
 def memory_gib() -> dict[str, float]:
@@ -82,3 +83,49 @@ class SpikeDetector:
         if math.isfinite(loss):
             self.history.append(loss)
         return spike
+
+
+class RouterStats:
+    """The MoE layers' router statistics summed over a step's micro-batches, reported once per step.
+
+    Each forward adds a [MoE layers, 3 + E] tensor (`pretrain.model.moe`: load-balancing loss, z-loss, router
+    entropy, then tokens assigned to each expert). `take` averages the losses and the entropy over micro-batches
+    and ranks, sums the assignments, and resets.
+    """
+
+    def __init__(self, layers: list[int]) -> None:
+        self.layers = layers  # the model's index of each MoE layer
+        self.total: torch.Tensor | None = None
+        self.forwards = 0
+
+    def add(self, stats: torch.Tensor | None) -> None:
+        if stats is None:
+            return
+        self.total = stats.detach().double() if self.total is None else self.total + stats.detach().double()
+        self.forwards += 1
+
+    def take(self, device: torch.device) -> dict[str, float]:
+        """The step's metrics (identical on every rank): `moe/load_balance_loss`, `moe/z_loss`,
+        `moe/router_entropy` (means over layers), `moe/max_load` (the busiest expert's assignments over the mean,
+        worst layer; 1 = balanced) and per layer its max load and each expert's share of the assignments."""
+        if self.total is None:
+            return {}
+        shape = self.total.shape
+        summed = all_reduce_sum([*self.total.flatten().tolist(), float(self.forwards)], device)
+        total = torch.tensor(summed[:-1], dtype=torch.float64).view(shape)
+        means = total[:, :3] / summed[-1]
+        counts = total[:, 3:]
+        shares = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+        max_load = shares.max(dim=1).values * counts.shape[1]
+        metrics = {
+            "moe/load_balance_loss": float(means[:, 0].mean()),
+            "moe/z_loss": float(means[:, 1].mean()),
+            "moe/router_entropy": float(means[:, 2].mean()),
+            "moe/max_load": float(max_load.max()),
+        }
+        for row, layer in enumerate(self.layers):
+            metrics[f"moe/max_load/layer{layer}"] = float(max_load[row])
+            for expert, share in enumerate(shares[row].tolist()):
+                metrics[f"moe/share/layer{layer}/expert{expert}"] = share
+        self.total, self.forwards = None, 0
+        return metrics

@@ -26,7 +26,7 @@ from pretrain.evaluation.long_report import (
     long_context_report,
     write_plots,
 )
-from pretrain.model.flops import ModelFlops, attended_pairs
+from pretrain.model.flops import ModelFlops, attended_pairs, count_active_parameters
 from pretrain.planning.hardware import peak_tflops
 from pretrain.schedule import Cadence, LRSchedule
 from pretrain.train import collectives
@@ -147,9 +147,8 @@ class Trainer:
         #    normalised by them), with the attended (query, key) pairs in the same collective (for the MFU).
         rank_batch = self.loader.next_batch(layout.sequences)
         local_targets = float((rank_batch["labels"] != IGNORE_INDEX).sum())
-        targets, pairs = collectives.all_reduce_sum(
-            [local_targets, attended_pairs(rank_batch["document_ids"])], self.engine.device
-        )
+        local_pairs = attended_pairs(rank_batch["document_ids"], self.cfg.model.sliding_window)
+        targets, pairs = collectives.all_reduce_sum([local_targets, local_pairs], self.engine.device)
         global_targets = int(targets)
         # 3. Forward and backward per micro-batch; ZeRO-3 reduces the gradients after the last one.
         poison = self.drills.poison_loss(self.state.step + 1)
@@ -186,6 +185,7 @@ class Trainer:
             "train/target_tokens_total": float(self.state.target_tokens),
             "train/samples": float(self.loader.position),
             "train/skipped_steps": float(self.state.skipped_steps),
+            **self.engine.router_stats.take(self.engine.device),  # MoE: router losses and expert load
         }
 
     def _count_bad_steps(self, skipped: bool) -> None:
@@ -358,6 +358,7 @@ class Trainer:
         run.write_config(self.cfg)
         summary = {
             "parameters": total,
+            "active_parameters": count_active_parameters(self.cfg.model),
             "parameters_per_rank": per_rank,
             "world_size": self.env.world_size,
             "weight_decay_parameters": self.engine.decay_parameter_names,

@@ -63,8 +63,8 @@ def test_flex_pads_a_tail_batch_to_the_largest_batch_and_returns_its_rows():
     full = [t.expand(4, length).clone() for t in (input_ids, document_ids, position_ids)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert model_module.document_mask(flex.cfg, full[1]).shape[0] == 4
-        tail_mask = model_module.document_mask(flex.cfg, full[1][:3])
+        assert model_module.attention_mask(flex.cfg, length, full[1]).shape[0] == 4
+        tail_mask = model_module.attention_mask(flex.cfg, length, full[1][:3])
         assert tail_mask.shape[0] == 4  # padded up to the full batch: no new shape to compile
         tail = flex(full[0][:3], position_ids=full[2][:3], document_ids=full[1][:3])
     reference = sdpa(full[0][:3], position_ids=full[2][:3], document_ids=full[1][:3])

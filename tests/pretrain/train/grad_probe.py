@@ -6,6 +6,11 @@ accumulated gradient (gathered from every rank's partition) to `--out`. With `--
 for the same weights, the per-micro-batch gradients of a plain copy of the model in the engine's precision
 summed in fp32: the gradient an exact fp32 accumulation gives.
 
+An MoE model (`--set model.moe.num_experts=4`) adds its router losses to the reference as the trainer does: each
+micro-batch's weighs 1 / (micro-batches in the global batch). `--disjoint-steps N` instead forces the routing
+apart by rank (rank r's tokens go only to experts 2r and 2r + 1, through the router's own weights) and takes N
+optimizer steps, writing each step's loss, grad norm and each rank's expert counts.
+
 With `--reduction` it instead reduces, through the trainer's bf16 DeepSpeed config, per-rank gradients that are
 each exact in bf16 but whose sum is not, and writes the reduced gradient. `--set KEY=VALUE` adds Hydra
 overrides; `--break-scaling` puts back DeepSpeed 0.18.3's gradient hook (it divided by the accumulation steps
@@ -58,6 +63,7 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true")
     parser.add_argument("--reduction", action="store_true")
     parser.add_argument("--break-scaling", action="store_true")
+    parser.add_argument("--disjoint-steps", type=int, default=0)
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -80,8 +86,13 @@ def main() -> None:
         return
     layout = batch_layout(SEQUENCES * SEQ_LEN, SEQ_LEN, args.micro, env.world_size, "probe")
     torch.manual_seed(cfg.train.seed)
+    if args.disjoint_steps:
+        route_by_rank(env.rank)
     engine = eng.TrainingEngine(cfg, env, layout)
     batch = global_batch(cfg.model.vocab_size)
+    if args.disjoint_steps:
+        train_disjoint(engine, env, layout, batch, args)
+        return
     targets = int((batch["labels"] != IGNORE_INDEX).sum())
     rows = slice(env.rank * layout.per_rank, (env.rank + 1) * layout.per_rank)
     micro_batches = split_micro_batches({k: v[rows] for k, v in batch.items()}, args.micro)
@@ -100,6 +111,43 @@ def main() -> None:
         if args.reference:
             result["reference"] = reference_gradients(cfg, weights, batch, args.micro, targets)
         torch.save(result, args.out)
+    eng.shutdown()
+
+
+def route_by_rank(rank: int) -> None:
+    """Rank r's tokens pick experts 2r and 2r + 1, weighted by the softmax of the router's logits for those two
+    (so the router still gets a gradient): the two ranks never share an expert."""
+    from pretrain.model import moe
+
+    def forced(self, tokens):
+        logits = torch.nn.functional.linear(tokens.float(), self.router.weight.float())
+        chosen = torch.tensor([2 * rank, 2 * rank + 1]).expand(tokens.shape[0], 2)
+        return logits, chosen, logits.gather(1, chosen).softmax(dim=-1)
+
+    moe.MoEFeedForward.route = forced
+
+
+def train_disjoint(engine, env, layout, batch, args) -> None:
+    """`--disjoint-steps` optimizer steps on the probe batch; rank 0 writes the losses, grad norms and counts."""
+    from pretrain.train.collectives import all_gather_object
+
+    targets = int((batch["labels"] != IGNORE_INDEX).sum())
+    rows = slice(env.rank * layout.per_rank, (env.rank + 1) * layout.per_rank)
+    micro_batches = split_micro_batches({k: v[rows] for k, v in batch.items()}, args.micro)
+    steps = []
+    for _ in range(args.disjoint_steps):
+        losses = [
+            float(engine.backward(mb, last=i == len(micro_batches) - 1, global_targets=targets))
+            for i, mb in enumerate(micro_batches)
+        ]
+        update = engine.optimizer_step()
+        counts = engine.router_stats.total[:, 3:].sum(dim=0).tolist()
+        engine.router_stats.take(engine.device)
+        steps.append(
+            {"loss": sum(losses), "grad_norm": update.grad_norm, "counts": all_gather_object(counts)}
+        )
+    if env.is_main:
+        torch.save({"steps": steps}, args.out)
     eng.shutdown()
 
 
@@ -152,7 +200,8 @@ def reference_gradients(cfg, weights, batch, micro: int, targets: int) -> dict[s
         model = Transformer(cfg.model)
     model.load_state_dict(weights, assign=True)
     total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in model.named_parameters()}
-    for mb in split_micro_batches(batch, micro):
+    micro_batches = split_micro_batches(batch, micro)
+    for mb in micro_batches:
         model.zero_grad(set_to_none=True)
         loss = model(
             mb["input_ids"],
@@ -161,6 +210,8 @@ def reference_gradients(cfg, weights, batch, micro: int, targets: int) -> dict[s
             labels=mb["labels"],
             reduction="sum",
         )
+        if model.router_loss is not None:  # MoE: the mean of the micro-batches' router losses
+            loss = loss + model.router_loss * targets / len(micro_batches)
         (loss / targets).backward()
         for name, p in model.named_parameters():
             total[name] += p.grad.float()
