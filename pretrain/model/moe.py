@@ -86,6 +86,17 @@ class Experts(nn.Module):
         return torch.cat(pieces)
 
 
+class Router(nn.Module):
+    """The router's [E, D] weight, initialized from normal(0, init_std) inside its own `__init__`: under
+    `deepspeed.zero.Init` a parameter is partitioned when the `__init__` that made it returns, so initializing
+    it afterwards (from the parent) would silently leave the default init in place."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.moe.num_experts, cfg.dim))
+        nn.init.normal_(self.weight, mean=0.0, std=cfg.init_std)
+
+
 class MoEFeedForward(nn.Module):
     """Router + experts in place of a SwiGLU block; returns (output, weighted router loss, statistics)."""
 
@@ -93,8 +104,7 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         self.num_experts, self.top_k = cfg.moe.num_experts, cfg.moe.top_k
         self.load_balance_coef, self.z_loss_coef = cfg.moe.load_balance_coef, cfg.moe.z_loss_coef
-        self.router = nn.Linear(cfg.dim, cfg.moe.num_experts, bias=False)
-        nn.init.normal_(self.router.weight, mean=0.0, std=cfg.init_std)
+        self.router = Router(cfg)
         self.experts = Experts(cfg)
 
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

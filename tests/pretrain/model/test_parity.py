@@ -57,7 +57,7 @@ from data.mixture import MixtureDataset
 from data.tokenizer import load_tokenizer
 from pretrain.checkpoint import SUMMARY_FILE, newest_weights
 from pretrain.config import ModelConfig, PretrainConfig, compose_pretrain_config
-from pretrain.evaluation.export import hf_name, hf_state_dict, llama_config
+from pretrain.evaluation.export import hf_name, hf_state_dict, llama_config, mixtral_config
 from pretrain.model.transformer import Transformer
 from tests.helpers import ROOT, read_metrics, run_pretrain
 
@@ -120,16 +120,71 @@ def document_causal_mask(document_ids: torch.Tensor, attention: str) -> torch.Te
     return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
-def hf_loss_sum(model, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    logits = model(
-        input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask
+def hf_mixtral(cfg: ModelConfig, state: dict[str, torch.Tensor], attention: str, pad_id: int = 0):
+    """A MixtralForCausalLM in fp32 with `attention` holding our MoE model's weights `state`."""
+    config = dict(mixtral_config(cfg, bos_id=1, eos_id=2, pad_id=pad_id, dtype="float32"))
+    model = transformers.MixtralForCausalLM(
+        transformers.MixtralConfig(**config, attn_implementation=attention)
+    )
+    model.load_state_dict(hf_state_dict(state, cfg), strict=True)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    return model
+
+
+def hf_forward(model, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """The logits. For Mixtral, each layer's router logits land in `model.router_logits` (read off the routers:
+    `output_router_logits` would also compute transformers' own auxiliary loss, which refuses a 4D mask)."""
+    model.router_logits = []
+    return model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        attention_mask=mask,
+        use_cache=False,
     ).logits
+
+
+def record_router_logits(model) -> None:
+    """Forward hooks that append each Mixtral router's logits (its first output) to `model.router_logits`."""
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(lambda _, __, out: model.router_logits.append(out[0]))
+
+
+def hf_loss_sum(model, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    return summed_cross_entropy(hf_forward(model, batch, mask), batch)
+
+
+def summed_cross_entropy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
         batch["labels"].reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
+
+
+def router_loss_formula(
+    cfg: ModelConfig, router_logits: tuple[torch.Tensor, ...], rows: int, micro_batch: int
+) -> tuple[torch.Tensor, float]:
+    """The router losses from the papers' formulas on transformers' router logits ([rows * T, E] per layer):
+    per micro-batch of `micro_batch` consecutive rows and per layer, Switch's balance E * sum_e f_e * P_e (f_e
+    the share of the top-k assignments to e, P_e the mean softmax probability) times its coefficient plus
+    ST-MoE's z-loss mean(logsumexp^2) times its; averaged over layers, then over the micro-batches. Also the
+    unweighted balance loss averaged the same way (what the trainer logs)."""
+    moe = cfg.moe
+    per_micro_batch, balances = [], []
+    for start in range(0, rows, micro_batch):
+        per_layer = []
+        for layer_logits in router_logits:
+            logits = layer_logits.float().view(rows, -1, moe.num_experts)[start : start + micro_batch]
+            logits = logits.reshape(-1, moe.num_experts)
+            chosen = logits.topk(moe.top_k, dim=-1).indices.flatten()
+            share = torch.bincount(chosen, minlength=moe.num_experts).float() / chosen.numel()
+            balance = moe.num_experts * (share * logits.softmax(dim=-1).mean(dim=0)).sum()
+            z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+            per_layer.append(moe.load_balance_coef * balance + moe.z_loss_coef * z_loss)
+            balances.append(balance.item())
+        per_micro_batch.append(torch.stack(per_layer).mean())
+    return torch.stack(per_micro_batch).mean(), sum(balances) / len(balances)
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
@@ -146,10 +201,12 @@ class Reference:
     targets: list[int] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
+    balances: list[float] = field(default_factory=list)  # MoE: the load-balancing loss the trainer logs
 
 
-def reference_run(cfg: PretrainConfig) -> Reference:
-    """The plain PyTorch loop over transformers' Llama, on the batches the trainer reads."""
+def reference_run(cfg: PretrainConfig, micro_batch: int | None = None) -> Reference:
+    """The plain PyTorch loop over transformers' Llama (Mixtral for an MoE model, whose router losses are
+    computed per global micro-batch of `micro_batch` rows), on the batches the trainer reads."""
     _, info = load_tokenizer(cfg.tokenizer.dir)
     seq_len = cfg.data.packing.seq_len
     planned = -(-cfg.train.total_tokens // seq_len)  # as Trainer.__init__
@@ -160,8 +217,11 @@ def reference_run(cfg: PretrainConfig) -> Reference:
     torch.manual_seed(cfg.train.seed)
     ours = Transformer(cfg.model)
     ref = Reference(initial={k: v.detach().clone() for k, v in ours.state_dict().items()})
-    model = hf_llama(cfg.model, ours.state_dict(), "eager", pad_id=info.pad_id).train()
+    build = hf_mixtral if cfg.model.moe.enabled else hf_llama
+    model = build(cfg.model, ours.state_dict(), "eager", pad_id=info.pad_id).train()
     del ours
+    if cfg.model.moe.enabled:
+        record_router_logits(model)
 
     named = list(model.named_parameters())
     ref.decay_names = [name for name, p in named if decays(name, p)]
@@ -181,9 +241,18 @@ def reference_run(cfg: PretrainConfig) -> Reference:
         batch_tokens = batch_schedule(tokens)
         batch = loader.next_batch(batch_tokens // seq_len)
         targets = int((batch["labels"] != IGNORE_INDEX).sum())
-        loss = hf_loss_sum(model, batch, document_causal_mask(batch["document_ids"], "eager")) / targets
+        mask = document_causal_mask(batch["document_ids"], "eager")
+        loss = summed_cross_entropy(hf_forward(model, batch, mask), batch) / targets
+        objective = loss
+        if cfg.model.moe.enabled:
+            rows = len(batch["input_ids"])
+            router_loss, balance = router_loss_formula(
+                cfg.model, tuple(model.router_logits), rows, micro_batch or rows
+            )
+            objective = loss + router_loss
+            ref.balances.append(balance)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
         lr = lr_formula(cfg, tokens + batch_tokens)
         for group in optimizer.param_groups:
