@@ -14,6 +14,9 @@ first scored once.
 position over held-out documents, a copy probe and a passkey grid, written as `long_context.json` and PNGs to
 `<run>/eval/<checkpoint>/` (or `eval_dir`), with a summary on stderr.
 
+For a Mixture-of-Experts run, either report also draws the expert load by layer over training from the run's
+step log (`pretrain.evaluation.expert_load`) as `expert_load.png` in that directory.
+
 A key the chosen report would not read (`length` without `long_context`, `batches` with it) is refused, not
 ignored.
 """
@@ -44,6 +47,7 @@ from data.tokenizer import load_tokenizer
 from pretrain.checkpoint import Checkpoint, find_checkpoint, load_trained
 from pretrain.config import ConfigError, PretrainConfig, require
 from pretrain.evaluation.cli import hydra_command
+from pretrain.evaluation.expert_load import write_expert_load
 from pretrain.evaluation.long_eval import held_out_documents
 from pretrain.evaluation.long_report import (
     LongContextSettings,
@@ -412,6 +416,10 @@ def _run(config: EvaluateConfig) -> dict[str, Any]:
     config = dataclasses.replace(config, run=str(checkpoint.path))
     long_context = wants_long_context(config, checkpoint.config())
     check_options(config, long_context)
+    tag = f"{checkpoint.run_dir.name} step {checkpoint.step}"
+    eval_dir = Path(config.eval_dir or checkpoint.run_dir / "eval" / checkpoint.path.name)
+    if (plot := write_expert_load(checkpoint.run_dir, eval_dir, f"Expert load by layer, {tag}")) is not None:
+        sys.stderr.write(f"wrote {plot}\n")
     if long_context:
         return _run_long_context(config)
     if config.texts:

@@ -227,14 +227,14 @@ def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _figure(width: float = 7.0, height: float = 4.5) -> tuple[Any, Any]:
+def new_figure(width: float = 7.0, height: float = 4.5) -> tuple[Any, Any]:
     from matplotlib.figure import Figure  # the Agg canvas: no display, nothing global
 
     figure = Figure(figsize=(width, height), layout="constrained")
     return figure, figure.subplots()
 
 
-def _save(figure: Any, path: Path) -> Path:
+def save_png(figure: Any, path: Path) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     atomic_write_bytes(path, [buffer.getvalue()])
@@ -244,7 +244,7 @@ def _save(figure: Any, path: Path) -> Path:
 def plot_position_loss(reports: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """Loss against tokens of context, one line per report (bucket means, with the per-position curve faint);
     a dotted line marks each report's training sequence length when it is known."""
-    figure, ax = _figure()
+    figure, ax = new_figure()
     for index, report in enumerate(reports):
         part = report.get("position_loss") or {}
         if not part.get("sequences"):
@@ -266,13 +266,13 @@ def plot_position_loss(reports: Sequence[Mapping[str, Any]], path: Path) -> Path
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no held-out document long enough", ha="center", transform=ax.transAxes)
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def plot_copy_probe(report: Mapping[str, Any], path: Path) -> Path:
     """First- and second-copy loss of [BOS] + X + X against the distance d = len(X)."""
     part = report["copy_probe"]
-    figure, ax = _figure()
+    figure, ax = new_figure()
     distances = [d["distance"] for d in part["distances"]]
     ax.plot(distances, [d["first_copy_loss"] for d in part["distances"]], "o-", label="first copy")
     ax.plot(distances, [d["second_copy_loss"] for d in part["distances"]], "o-", label="second copy")
@@ -282,7 +282,7 @@ def plot_copy_probe(report: Mapping[str, Any], path: Path) -> Path:
     ax.set_ylabel("mean loss")
     ax.set_title(f"Copy probe, {report_label(report)}, {part['trials']} sequences per distance")
     ax.legend(fontsize=8)
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def plot_passkey(report: Mapping[str, Any], path: Path) -> Path:
@@ -290,7 +290,7 @@ def plot_passkey(report: Mapping[str, Any], path: Path) -> Path:
     part = report["passkey"]
     lengths, depths = part["lengths"], part["depths"]
     grid = [[0.0] * len(depths) for _ in lengths]
-    figure, ax = _figure(1.6 + 1.0 * len(depths), 1.6 + 0.6 * len(lengths))
+    figure, ax = new_figure(1.6 + 1.0 * len(depths), 1.6 + 0.6 * len(lengths))
     for cell in part["cells"]:
         row, col = lengths.index(cell["length"]), depths.index(cell["depth"])
         grid[row][col] = cell["accuracy"]
@@ -303,7 +303,7 @@ def plot_passkey(report: Mapping[str, Any], path: Path) -> Path:
     ax.set_ylabel("prompt length (tokens)")
     ax.set_title(f"Passkey retrieval, {report_label(report)}")
     figure.colorbar(image, ax=ax, label="exact-match accuracy")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def write_plots(

@@ -8,6 +8,7 @@ The debug model with 4 experts of width 88 (top-2) in each of its 2 layers, 30 s
   run's bitwise;
 * 1 rank: the checkpoint is converted, the same global samples are read, the losses agree within 1e-3 relative
   (fp32: reductions over 1 rank differ from 2) and the expert loads within 1e-2 absolute.
+Then `python -m pretrain.evaluate` on the finished run draws the expert load by layer from its step log.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 
 import pytest
 
+from pretrain.evaluation.expert_load import expert_load_history
 from pretrain.train.faults import KILL_AT_STEP
 from tests.helpers import ROOT, read_metrics, run_pretrain, step_losses
 
@@ -78,3 +80,17 @@ def test_moe_run_resumes_exactly_after_a_kill_and_on_another_world_size(debug_ar
         assert got["train/loss"] == pytest.approx(want["train/loss"], rel=1e-3), step
         shares = [k for k in want if k.startswith("moe/share/")]
         assert shares and all(got[k] == pytest.approx(want[k], abs=1e-2) for k in shares), step
+
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "pretrain.evaluate", f"run={runs / 'moe'}", "batches=1", "device=cpu"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    png = runs / "moe" / "eval" / f"step_{STEPS:08d}" / "expert_load.png"
+    assert f"wrote {png}" in evaluated.stderr
+    assert png.read_bytes().startswith(b"\x89PNG")
+    history = expert_load_history(runs / "moe" / "metrics.jsonl")
+    assert list(history) == [0, 1]
+    assert history[0]["steps"] == list(range(1, STEPS + 1))
+    assert all(len(s) == 4 and abs(sum(s) - 1) < 1e-9 for s in history[1]["shares"])
+    assert history[1]["max_load"][-1] == reference[STEPS]["moe/max_load/layer1"]
