@@ -45,10 +45,12 @@ class KVCache:
         capacity: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        ring: bool = True,
     ) -> None:
         self.capacity = capacity or cfg.max_seq_len
         self.window = cfg.sliding_window
-        self.rolling = self.window is not None and self.capacity > self.window
+        # `ring=False` keeps every position even for a windowed model (the window is then a mask only).
+        self.rolling = ring and self.window is not None and self.capacity > self.window
         self.slots = self.window if self.rolling else self.capacity
         self.shape = (cfg.n_layers, batch, cfg.kv_heads, self.slots, cfg.head_dim)
         self.device, self.dtype = device, dtype

@@ -170,6 +170,21 @@ def test_rolling_cache_gives_the_full_windowed_logits(cuts):
     assert (torch.cat(pieces, dim=1) - want).abs().max().item() < 1e-4
 
 
+def test_a_full_size_cache_with_the_window_as_a_mask_gives_the_ring_logits():
+    """`ring=False` (every position kept, the window applied by the mask: what the ring is benchmarked against)
+    decodes past W to the same logits as the ring."""
+    model = model_with_weights().eval()
+    tokens = torch.randint(0, CFG.vocab_size, (1, 40), generator=torch.Generator().manual_seed(6))
+    outputs = []
+    for ring in (True, False):
+        cache = KVCache(CFG, batch=1, capacity=40, ring=ring)
+        with torch.no_grad():
+            outputs.append(torch.cat([model(tokens[:, :3], cache=cache)]
+                                     + [model(tokens[:, t : t + 1], cache=cache) for t in range(3, 40)], dim=1))  # fmt: skip
+        assert cache.keys.shape[3] == (WINDOW if ring else 40)
+    assert (outputs[0] - outputs[1]).abs().max().item() < 1e-5
+
+
 def test_generation_past_the_window_keeps_memory_flat_and_the_tokens():
     model = model_with_weights().eval()
     sampling = SamplingConfig(max_new_tokens=50, temperature=0.0)
