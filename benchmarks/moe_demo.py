@@ -67,7 +67,7 @@ def run_case(name: str, overrides: list[str], workdir: Path, extra: list[str]) -
         "tokens": max(m.get("train/tokens", 0) for m in metrics),
         "train_tokens_per_s_median": round(statistics.median(steady), 1) if steady else None,
         "final_val_loss": val[-1]["val/loss"] if val else None,
-        "final_train_loss": metrics[-1].get("train/loss"),
+        "final_train_loss": [m["train/loss"] for m in metrics if "train/loss" in m][-1],
         "expert_max_load_mean": round(statistics.mean(layer_loads), 3) if layer_loads else None,
         "load_balance_loss_last": loads[-1]["moe/load_balance_loss"] if loads else None,
     }
