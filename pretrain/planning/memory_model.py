@@ -44,6 +44,10 @@ class ParamInventory:
     numels: tuple[int, ...]
     # Sizes per AdamW parameter group (decay, no decay), in the order DeepSpeed forms its sub-groups.
     groups: tuple[tuple[int, ...], ...]
+    # Elements of the largest module's own parameters: ZeRO-3 gathers a module's parameters together when it
+    # runs, whatever stage3_max_live_parameters says (an MoE layer's experts: 3 x E x D x F). 0 = the largest
+    # tensor.
+    largest_module: int = 0
 
     @classmethod
     def of(cls, model: ModelConfig, optim: OptimConfig) -> ParamInventory:
@@ -55,6 +59,7 @@ class ParamInventory:
         return cls(
             numels=tuple(p.numel() for p in module.parameters()),
             groups=tuple(tuple(p.numel() for p in g["params"]) for g in groups if g["params"]),
+            largest_module=max(sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()),
         )
 
     @property
@@ -293,11 +298,11 @@ def zero3_memory(
     if stage == 3:
         # Gathered parameters stay until their next use is further away than max_reuse_distance (so a model
         # smaller than that stays whole from the second step on); max_live_parameters bounds the set, checked
-        # before each prefetch, so a prefetch bucket can come on top. A coalesced all-gather lands in one flat
+        # before each prefetch, so a prefetch bucket can come on top; a module larger than the bound is still
+        # gathered whole. A coalesced all-gather lands in one flat
         # bf16 buffer that is copied out per parameter, so both exist for a moment.
-        gathered = pbytes * min(
-            total - persistent, ds.stage3_max_live_parameters + ds.stage3_prefetch_bucket_size
-        )
+        live = max(ds.stage3_max_live_parameters, inventory.largest_module, inventory.largest)
+        gathered = pbytes * min(total - persistent, live + ds.stage3_prefetch_bucket_size)
         flat = pbytes * min(total - persistent, ds.stage3_prefetch_bucket_size + inventory.largest)
     est.phases["forward"] = {
         "gathered parameters": gathered,

@@ -269,3 +269,14 @@ def test_cli_prints_a_table_and_writes_json(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["model"]["parameters"] == 6_738_415_616
     assert saved["cluster"]["world_size"] == 8
+
+
+def test_a_module_larger_than_max_live_parameters_is_still_gathered_whole():
+    """Mixtral 8x7B: one layer's experts (3 x 8 x 4096 x 14336 elements, 2.6 GiB in bf16) exceed
+    stage3_max_live_parameters (1e9); ZeRO-3 gathers them anyway, and so does the plan."""
+    cfg = compose_plan_config(["+experiment=mixtral_8x7b"])
+    inventory = ParamInventory.of(cfg.model, cfg.optim)
+    experts = 3 * 8 * 4096 * 14336
+    assert inventory.largest_module == experts > cfg.deepspeed.stage3_max_live_parameters
+    estimate = zero3_memory(inventory, cfg.model, cfg.deepspeed, 8, 1, 8192, Strategy())
+    assert estimate.phases["forward"]["gathered parameters"] >= 2 * experts
