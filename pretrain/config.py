@@ -120,6 +120,10 @@ class DeepSpeedConfig:
     stage3_param_persistence_threshold: int | float = 100_000
     stage3_max_live_parameters: int | float = 1_000_000_000
     stage3_max_reuse_distance: int | float = 1_000_000_000
+    # Mixture-of-Experts: spread each MoE layer's experts over groups of this many ranks with DeepSpeed AutoEP
+    # (expert parallelism: tokens travel to their experts by all-to-all); 0 = off, every rank gathers every
+    # expert under plain ZeRO-3. Divides model.moe.num_experts and the world size.
+    expert_parallel_size: int = 0
     # Collective timeout: a hung rank makes the job fail instead of hanging forever.
     timeout_minutes: float = 30.0
     # Raw DeepSpeed keys merged last, for anything not modelled above.
@@ -144,6 +148,7 @@ class DeepSpeedConfig:
             "parameter offload needs deepspeed.zero_stage=3",
         )
         require(self.checkpoint_every_n_layers >= 1, f"{key}.checkpoint_every_n_layers", "must be at least 1")
+        require(self.expert_parallel_size >= 0, f"{key}.expert_parallel_size", "must be 0 (off) or positive")
         require(self.timeout_minutes > 0, f"{key}.timeout_minutes", "must be positive")
         require(
             isinstance(self.allow_untested_version, bool),
@@ -296,6 +301,21 @@ class PretrainConfig:
             "data.packing.seq_len",
             f"{seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
         )
+        experts, ep = self.model.moe.num_experts, self.deepspeed.expert_parallel_size
+        if ep:
+            require(
+                experts > 0, "deepspeed.expert_parallel_size", "needs an MoE model (model.moe.num_experts)"
+            )
+            require(
+                experts % ep == 0,
+                "deepspeed.expert_parallel_size",
+                f"{ep} does not divide model.moe.num_experts={experts}",
+            )
+            require(
+                self.deepspeed.zero_stage == 3,
+                "deepspeed.expert_parallel_size",
+                "is built for deepspeed.zero_stage=3 (AutoEP's ZeRO-1/2 path needs DeepSpeed's own optimizer)",
+            )
         # Every batch size must at least divide on one rank; the world size is checked again at start.
         schedule_layouts(self.batch_schedule().sizes(), seq_len, self.train.micro_batch_size, world_size=1)
 

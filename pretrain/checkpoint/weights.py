@@ -26,13 +26,18 @@ from pretrain.model.transformer import Transformer
 
 log = get_logger(__name__)
 
+AUTOEP_LAYERS = "ds_autoep_layers"  # the key AutoEP adds to DeepSpeed's model states
+
 
 def consolidate(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
-    """The fp32 master weights of every rank's ZeRO shards as one state dict on CPU (DeepSpeed's utility)."""
+    """The fp32 master weights of every rank's ZeRO shards as one state dict on CPU (DeepSpeed's utility);
+    a checkpoint with expert-parallel (AutoEP) layers goes through its universal copy instead."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     log.info("consolidating %s", checkpoint.path)
     try:
+        if has_expert_parallel_layers(checkpoint.path):
+            return from_universal_copy(checkpoint)
         with contextlib.redirect_stdout(sys.stderr):  # it prints progress; stdout stays for our results
             state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.path.parent), tag=checkpoint.tag)
     except Exception as err:
@@ -41,6 +46,44 @@ def consolidate(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
             "stage 1-3 checkpoints written by `python -m pretrain`; an older committed checkpoint may still work"
         ) from err
     return dict(state)
+
+
+def has_expert_parallel_layers(checkpoint_dir: Path) -> bool:
+    """Whether DeepSpeed AutoEP wrote the checkpoint (its model states list the expert-parallel layers)."""
+    states = sorted(Path(checkpoint_dir).glob("*model_states.pt"))
+    if not states:
+        return False
+    return bool(torch.load(states[0], map_location="cpu", weights_only=False).get(AUTOEP_LAYERS, []))
+
+
+def from_universal_copy(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """Our state dict from the checkpoint's universal copy (`pretrain.checkpoint.reshard`, converted now if there
+    is none). `zero_to_fp32` refuses AutoEP checkpoints, whose experts are partitioned over expert groups;
+    DeepSpeed's universal conversion writes each whole. AutoEP's names map back to ours: `router.gate.weight`
+    is `router.weight`, and `experts.w1` (gate rows) and `experts.w3` (up rows) stack into `gate_up_proj`,
+    `experts.w2` is `down_proj`."""
+    from pretrain.checkpoint.reshard import convert
+
+    universal, _, _ = convert(checkpoint.run_dir, checkpoint.path)
+    found: dict[str, torch.Tensor] = {}
+    for fp32 in sorted((universal / "zero").glob("*/fp32.pt")):
+        saved = torch.load(fp32, map_location="cpu", weights_only=True)
+        # Experts are saved whole ({"param": [E, ...], ...}); the other parameters flat, shaped below.
+        found[fp32.parent.name] = saved["param"] if isinstance(saved, dict) else saved
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in found.items():
+        if name.endswith(".router.gate.weight"):
+            state[name.removesuffix("gate.weight") + "weight"] = tensor
+        elif name.endswith(".experts.w1"):
+            up = found[name.removesuffix("w1") + "w3"]
+            state[name.removesuffix("w1") + "gate_up_proj"] = torch.cat([tensor, up], dim=1)
+        elif name.endswith(".experts.w2"):
+            state[name.removesuffix("w2") + "down_proj"] = tensor
+        elif not name.endswith(".experts.w3"):
+            state[name] = tensor
+    with torch.device("meta"):
+        shapes = {name: t.shape for name, t in Transformer(checkpoint.config().model).state_dict().items()}
+    return {name: t.view(shapes[name]) if name in shapes else t for name, t in state.items()}
 
 
 def newest_weights(path: str | Path) -> tuple[Checkpoint, dict[str, torch.Tensor]]:

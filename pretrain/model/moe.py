@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.model.config import ModelConfig
+from pretrain.model.config import ModelConfig, MoEConfig
 
 # Columns of the statistics a layer returns, before the per-expert assignment counts.
 STAT_BALANCE, STAT_Z, STAT_ENTROPY = 0, 1, 2
@@ -51,6 +51,24 @@ def _contiguous_grad(x: torch.Tensor) -> torch.Tensor:
     if x.requires_grad:
         x.register_hook(lambda grad: grad.contiguous())
     return x
+
+
+def router_terms(
+    moe: MoEConfig, logits: torch.Tensor, counts: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the weighted router loss, the detached statistics [3 + E]) of one layer's fp32 router logits [N, E];
+    `counts` (assignments per expert) are recomputed from the logits' top-k when not given."""
+    if counts is None:
+        chosen = logits.detach().topk(moe.top_k, dim=-1).indices.reshape(-1)
+        counts = torch.bincount(chosen, minlength=moe.num_experts)
+    probs = logits.softmax(dim=-1)
+    share = counts.float() / counts.sum().clamp_min(1)  # f_e: share of the assignments
+    balance = moe.num_experts * (share * probs.mean(dim=0)).sum()
+    z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+    router_loss = moe.load_balance_coef * balance + moe.z_loss_coef * z_loss
+    entropy = -(probs * probs.clamp_min(1e-20).log()).sum(dim=-1).mean()
+    stats = torch.cat([torch.stack([balance, z_loss, entropy]).detach(), counts.float()])
+    return router_loss, stats
 
 
 class Experts(nn.Module):
@@ -102,8 +120,8 @@ class MoEFeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.moe = cfg.moe
         self.num_experts, self.top_k = cfg.moe.num_experts, cfg.moe.top_k
-        self.load_balance_coef, self.z_loss_coef = cfg.moe.load_balance_coef, cfg.moe.z_loss_coef
         self.router = Router(cfg)
         self.experts = Experts(cfg)
 
@@ -126,11 +144,5 @@ class MoEFeedForward(nn.Module):
         outputs = outputs * weights.reshape(-1)[order, None].to(outputs.dtype)
         combined = torch.zeros_like(tokens).index_add_(0, source, outputs.to(tokens.dtype))
 
-        probs = logits.softmax(dim=-1)
-        share = counts.float() / assigned.numel()  # f_e: share of the assignments
-        balance = self.num_experts * (share * probs.mean(dim=0)).sum()
-        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        router_loss = self.load_balance_coef * balance + self.z_loss_coef * z_loss
-        entropy = -(probs * probs.clamp_min(1e-20).log()).sum(dim=-1).mean()
-        stats = torch.cat([torch.stack([balance, z_loss, entropy]).detach(), counts.float()])
+        router_loss, stats = router_terms(self.moe, logits, counts)
         return combined.view(shape), router_loss, stats

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from pretrain.model.config import ModelConfig
 from pretrain.model.flex_compile import BatchPadding, ShapeBoundedCompile, pad_rows
 from pretrain.model.kv_cache import ATTEND_ALL, KVCache
-from pretrain.model.moe import MoEFeedForward
+from pretrain.model.moe import MoEFeedForward, router_terms
 from pretrain.model.rope import Yarn, apply_rope, positions_from_documents, rope_tables
 
 # Labels of positions without a target (padding, a document's first token): torch's cross_entropy default,
@@ -226,15 +226,34 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = cfg.moe.is_moe_layer(layer_index)
         self.mlp = MoEFeedForward(cfg) if self.is_moe else FeedForward(cfg)
+        self.moe = cfg.moe
+        self.captured_logits: list[torch.Tensor] = []  # see `route_elsewhere`
+
+    def route_elsewhere(self, router: nn.Module) -> None:
+        """`mlp` was replaced by a layer that routes as ours (softmax over the top-k logits) but returns only its
+        output, e.g. DeepSpeed AutoEP's expert-parallel layer: capture the logits its `router` module outputs
+        (the first output when it returns several) and compute the router losses and statistics from them
+        here, as part of this block's forward, so activation checkpointing recomputes them with the layer."""
+
+        def capture(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            self.captured_logits.append(output[0] if isinstance(output, tuple) else output)
+
+        router.register_forward_hook(capture)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any, cache: KVCache | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
-        if self.is_moe:
-            out, router_loss, stats = self.mlp(self.mlp_norm(x))
-            return x + out, router_loss, stats
-        return x + self.mlp(self.mlp_norm(x))
+        if not self.is_moe:
+            return x + self.mlp(self.mlp_norm(x))
+        out = self.mlp(self.mlp_norm(x))
+        if isinstance(out, tuple):
+            out, router_loss, stats = out
+        else:  # a replaced mlp: the losses from the logits its router just produced
+            logits = self.captured_logits.pop()
+            self.captured_logits.clear()
+            router_loss, stats = router_terms(self.moe, logits.float().reshape(-1, logits.shape[-1]))
+        return x + out, router_loss, stats
 
 
 class Transformer(nn.Module):

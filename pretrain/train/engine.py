@@ -20,13 +20,14 @@ import torch.distributed as dist
 from data.loader import IGNORE_INDEX
 from data.log import get_logger
 from pretrain.batching import BatchLayout
-from pretrain.config import PretrainConfig
+from pretrain.config import ConfigError, PretrainConfig
 from pretrain.model.parameter_groups import parameter_groups
 from pretrain.model.transformer import Transformer
 from pretrain.planning.hardware import cpu_threads_per_rank, resolve_precision
 from pretrain.train import versions
 from pretrain.train.collectives import barrier, broadcast_object
 from pretrain.train.dist_env import DistEnv, cuda_device_index, dist_env, launch_environment
+from pretrain.train.expert_parallel import attach_expert_parallel_routers, autoep_config
 from pretrain.train.metrics import RouterStats
 
 log = get_logger(__name__)
@@ -117,6 +118,8 @@ def deepspeed_config(cfg: PretrainConfig, layout: BatchLayout, precision: str = 
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if ds.expert_parallel_size:
+        config["expert_parallel"] = autoep_config(cfg)
     return merge_deep(config, ds.extra)
 
 
@@ -173,6 +176,12 @@ class TrainingEngine:
         self.precision, why = broadcast_object(resolve_precision(cfg.deepspeed.precision))
         log.info("training in %s (%s)", self.precision, why)
         self.ds_config = deepspeed_config(cfg, layout, self.precision)
+        ep = cfg.deepspeed.expert_parallel_size
+        if ep and env.world_size % ep:
+            raise ConfigError(
+                f"deepspeed.expert_parallel_size={ep} does not divide the {env.world_size} ranks: choose a divisor "
+                "of the world size (expert-parallel groups never span a partial set of ranks)"
+            )
         # Before the (costly) model: every rank runs the probe, a collective, on the run's own ZeRO config.
         versions.check_gradient_scale(self.ds_config, env.world_size)
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=cfg.deepspeed.zero_stage == 3):
@@ -194,6 +203,7 @@ class TrainingEngine:
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
         self.model = model
+        self.expert_parallel = attach_expert_parallel_routers(model)
         self.router_stats = RouterStats(
             [i for i in range(cfg.model.n_layers) if cfg.model.moe.is_moe_layer(i)]
         )

@@ -88,8 +88,11 @@ def probe_inputs(rank: int, micro: int) -> torch.Tensor:
 
 def probe_ds_config(ds_config: dict[str, Any], world_size: int) -> dict[str, Any]:
     """The run's DeepSpeed config (ZeRO stage, precision, gradient and communication dtypes, extra keys)
-    resized to one sample per micro-batch and PROBE_ACCUMULATION micro-batches."""
+    resized to one sample per micro-batch and PROBE_ACCUMULATION micro-batches; without expert parallelism,
+    which needs MoE layers the probe does not have (it measures the dense gradient path every parameter of
+    ours takes)."""
     config = copy.deepcopy(ds_config)
+    config.pop("expert_parallel", None)
     config.update(
         train_batch_size=PROBE_ACCUMULATION * world_size,
         train_micro_batch_size_per_gpu=1,

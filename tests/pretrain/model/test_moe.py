@@ -205,6 +205,13 @@ def test_a_model_with_dense_layers_between_experts_is_refused_by_the_mixtral_exp
         ("model.moe.top_k=1", "model.moe.top_k"),  # read only with experts
         ("+model.moe.num_experts=4 model.moe.top_k=5", "model.moe.top_k"),
         ("+model.moe.num_experts=4 model.moe.load_balance_coef=-1", "model.moe.load_balance_coef"),
+        ("deepspeed.expert_parallel_size=2", "deepspeed.expert_parallel_size"),  # a dense model
+        ("model.moe.num_experts=4 deepspeed.expert_parallel_size=3", "deepspeed.expert_parallel_size"),
+        ("model.moe.num_experts=4 deepspeed.expert_parallel_size=-1", "deepspeed.expert_parallel_size"),
+        (
+            "model.moe.num_experts=4 deepspeed.expert_parallel_size=2 deepspeed.zero_stage=2",
+            "deepspeed.expert_parallel_size",
+        ),
     ],
 )
 def test_moe_settings_are_validated_with_their_key(override, key):

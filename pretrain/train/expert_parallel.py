@@ -1,0 +1,60 @@
+"""Expert parallelism for our MoE layers with DeepSpeed AutoEP (`deepspeed.expert_parallel_size`).
+
+AutoEP replaces each MoE feed-forward at `deepspeed.initialize` by its own layer, whose experts are split over
+groups of `expert_parallel_size` ranks (tokens travel to their experts and back by all-to-all; the other
+parameters stay under plain ZeRO-3). It reads our layout as it is: the router's `weight` [E, D] and the experts'
+fused `gate_up_proj` [E, 2F, D] and `down_proj` [E, D, F]. Its layer routes as ours (softmax over the experts,
+top-k, renormalised over the k: the softmax over the top-k logits) but returns only the output, so the block
+computes our router losses from the logits of AutoEP's router gate (`Block.route_elsewhere`).
+
+Names change under AutoEP (`mlp.router.gate.weight`, `mlp.experts.w1/w2/w3` with gate and up split), and so do
+its checkpoints: `zero_to_fp32` refuses them and `pretrain.checkpoint.weights` reads their universal copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from data.log import get_logger
+from pretrain.config import PretrainConfig
+from pretrain.model.moe import MoEFeedForward
+from pretrain.model.transformer import Transformer
+
+log = get_logger(__name__)
+
+
+def autoep_config(cfg: PretrainConfig) -> dict[str, Any]:
+    """DeepSpeed AutoEP's block for our MoE layers: each `layers.<i>.mlp` with an `experts` child (the dense
+    blocks have none and are left alone) is replaced by AutoEP's layer, its router copied from `router.weight`
+    and its experts from our fused `gate_up_proj` [E, 2F, D] and `down_proj` [E, D, F] (transformers' Mixtral
+    layout); routing as ours: softmax, top-k, renormalised over the k."""
+    moe = cfg.model.moe
+    return {
+        "enabled": True,
+        "autoep_size": cfg.deepspeed.expert_parallel_size,
+        "moe_layer_pattern": r"layers\.\d+\.mlp",
+        "router_pattern": "router",
+        "expert_pattern": "experts",
+        "expert_w1": "gate_up_proj",
+        "expert_w2": "down_proj",
+        "expert_w3": None,
+        "top_k": moe.top_k,
+        "score_func": "softmax",
+        "score_apply": "post",
+        "route_norm": True,
+    }
+
+
+def attach_expert_parallel_routers(model: Transformer) -> bool:
+    """After `deepspeed.initialize`: where AutoEP replaced an MoE layer (its layer returns only the output),
+    the block computes the router losses from the logits of AutoEP's router gate. Whether any was replaced."""
+    replaced = False
+    for block in model.layers:
+        if block.is_moe and not isinstance(block.mlp, MoEFeedForward):
+            block.route_elsewhere(block.mlp.router.gate)
+            replaced = True
+    if replaced:
+        log.info(
+            "expert parallelism: MoE layers replaced by DeepSpeed AutoEP's (%s)", type(block.mlp).__name__
+        )
+    return replaced
