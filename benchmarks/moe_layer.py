@@ -12,8 +12,10 @@ backward of a batch of tokens through:
   an index_add per expert);
 * `hf_grouped_mm`: the same block with `experts_implementation="grouped_mm"`.
 
-Each case copies the same router and expert weights; the outputs are checked against `hf_eager` first (fp32:
-1e-5, bf16: 5e-2 absolute). Times are medians over `--iters` runs after `--warmup`, on `torch.get_num_threads()`
+Each case copies the same router and expert weights; the outputs are checked against `hf_eager` first, in norm
+of the difference over the norm of the output, on the tokens that both routers send to the same experts (fp32:
+1e-5; bf16: 2e-2). Our router computes its logits in fp32, transformers' in the weights' dtype, so in bf16 a
+share of near-tie tokens picks another expert; that share is reported. Times are medians over `--iters` runs after `--warmup`, on `torch.get_num_threads()`
 threads.
 """
 
@@ -101,7 +103,7 @@ def main() -> None:
         "ms": {},
     }
     base = MoEFeedForward(cfg)
-    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         ours = MoEFeedForward(cfg)
         ours.load_state_dict(base.state_dict())
         loop = MoEFeedForward(cfg)
@@ -121,13 +123,21 @@ def main() -> None:
             layer.to(dtype)
         want = forward_backward("hf_eager", layers["hf_eager"], x, upstream).float()
         label = str(dtype).removeprefix("torch.")
+        with torch.no_grad():
+            ours_experts = ours.route(x.reshape(-1, args.dim))[1].sort(dim=-1).values
+            hf_experts = layers["hf_eager"].gate(x.reshape(-1, args.dim))[2].sort(dim=-1).values
+        same = (ours_experts == hf_experts).all(dim=-1)
+        figures[f"tokens_routed_differently/{label}"] = round(1.0 - same.float().mean().item(), 4)
+        want = want.reshape(-1, args.dim)[same]
         for name, layer in layers.items():
-            got = forward_backward(name, layer, x, upstream).float()
-            error = (got - want).abs().max().item()
+            got = forward_backward(name, layer, x, upstream).float().reshape(-1, args.dim)[same]
+            error = ((got - want).norm() / want.norm()).item()
             assert error < tolerance, f"{name} {label}: output differs from transformers' by {error}"
             ms = 1e3 * time_case(name, layer, x, upstream, args.warmup, args.iters)
             figures["ms"][f"{name}/{label}"] = round(ms, 1)
-            print(f"{label:9} {name:14} {ms:8.1f} ms  (max |diff| vs hf_eager {error:.1e})", flush=True)
+            print(
+                f"{label:9} {name:14} {ms:8.1f} ms  (relative difference to hf_eager {error:.1e})", flush=True
+            )
     print(json.dumps(figures, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -126,6 +126,9 @@ def activation_memory(
     Recomputation keeps each checkpointed layer's input (2 bytes per b*t*h) and, in backward, one layer's full
     activations at a time. The loss upcasts `loss_chunk_size` rows of logits to fp32 at a time (recomputed in
     backward), or keeps fp32 log-probabilities of the whole micro-batch when it is not chunked.
+    A sliding window changes no term: the attention kernels keep O(T) per layer (outputs and log-sum-exp, never
+    the scores) whatever the window, and the boolean mask of the SDPA path is [B, 1, T, T] with or without one;
+    the window shows in the FLOPs (`pretrain.model.flops.causal_pairs`) instead.
     """
     act = BF16 if precision == "bf16" else FP32  # bytes of an activation stored in the training dtype
     b, t, h, v = micro_batch, seq_len, model.dim, model.vocab_size
