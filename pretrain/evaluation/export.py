@@ -2,8 +2,8 @@
 
 A full-attention model is a `LlamaForCausalLM`; one with `model.sliding_window` is a `MistralForCausalLM` (the
 same weights and names, plus the window), which transformers masks exactly as we train; an MoE model
-(`model.moe`) is a `MixtralForCausalLM` (the router renamed `gate`; the fused expert tensors are already in its
-layout).
+(`model.moe`) is a `MixtralForCausalLM`, its file in the layout Mixtral is published in (`block_sparse_moe.gate`,
+one `w1`/`w3`/`w2` per expert), which transformers 4 and 5 and vLLM all read.
 
 The ZeRO-3 shards are consolidated on CPU into one fp32 state dict by DeepSpeed's own `zero_to_fp32` (no process
 group, no GPU; `pretrain.checkpoint`), renamed to Hugging Face's Llama names and written as `model.safetensors`
@@ -191,6 +191,32 @@ def generation_config(bos_id: int, eos_id: int, pad_id: int) -> dict:
     return {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
 
 
+def mixtral_hub_layout(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5's in-memory Mixtral names (`mlp.gate`, fused `mlp.experts.gate_up_proj` [E, 2F, D] and
+    `down_proj` [E, D, F]) as the files Mixtral is published in, which every Mixtral reader loads (transformers 4
+    and 5, vLLM): `block_sparse_moe.gate.weight` and per expert e `block_sparse_moe.experts.e.w1.weight` (gate
+    rows), `w3` (up rows) and `w2` (down)."""
+    out = {}
+    for name, tensor in tensors.items():
+        if ".mlp.experts." in name or ".mlp.gate." in name:
+            prefix = name.split(".mlp.")[0] + ".block_sparse_moe."
+            if name.endswith(".mlp.gate.weight"):
+                out[prefix + "gate.weight"] = tensor
+            elif name.endswith("gate_up_proj"):
+                gate, up = tensor.chunk(2, dim=1)
+                for e in range(tensor.shape[0]):
+                    out[f"{prefix}experts.{e}.w1.weight"] = gate[e].clone()
+                    out[f"{prefix}experts.{e}.w3.weight"] = up[e].clone()
+            elif name.endswith("down_proj"):
+                for e in range(tensor.shape[0]):
+                    out[f"{prefix}experts.{e}.w2.weight"] = tensor[e].clone()
+            else:
+                raise ExportError(f"no Mixtral file name for {name!r}")
+        else:
+            out[name] = tensor
+    return out
+
+
 def write_hf_model(
     out_dir: str | Path,
     state: dict[str, torch.Tensor],
@@ -219,6 +245,8 @@ def write_hf_model(
     tmp.mkdir()
     try:
         tensors = hf_state_dict(state, cfg, torch_dtype)
+        if cfg.moe.enabled:
+            tensors = mixtral_hub_layout(tensors)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         ids = (info.bos_id, info.eos_id, info.pad_id)
         atomic_write_json(tmp / "config.json", hf_config(cfg, *ids, dtype=hf_dtype))

@@ -13,7 +13,7 @@ Two auxiliary losses keep the router healthy, both per layer over the tokens of 
 * load balancing (Switch Transformer): E * sum_e f_e * P_e, with f_e the share of the token-to-expert
   assignments that went to e and P_e the mean router probability of e; 1 at perfect balance, E when one expert
   takes everything. transformers' Mixtral counts f_e per token rather than per assignment, so its value is
-  top_k times this one; Megatron-Core normalises as here.
+  top_k times this one; Megatron-Core counts per assignment as here.
 * router z-loss (ST-MoE): the mean of logsumexp(logits)^2, which keeps the logits small (fp32-safe).
 The layer returns `load_balance_coef * balance + z_loss_coef * z` as a tensor with its gradient, beside detached
 statistics for the step log.

@@ -227,9 +227,9 @@ class Block(nn.Module):
         self.is_moe = cfg.moe.is_moe_layer(layer_index)
         self.mlp = MoEFeedForward(cfg) if self.is_moe else FeedForward(cfg)
         self.moe = cfg.moe
-        self.captured_logits: list[torch.Tensor] = []  # see `route_elsewhere`
+        self.captured_logits: list[torch.Tensor] = []  # see `router_losses_from`
 
-    def route_elsewhere(self, router: nn.Module) -> None:
+    def router_losses_from(self, router: nn.Module) -> None:
         """`mlp` was replaced by a layer that routes as ours (softmax over the top-k logits) but returns only its
         output, e.g. DeepSpeed AutoEP's expert-parallel layer: capture the logits its `router` module outputs
         (the first output when it returns several) and compute the router losses and statistics from them

@@ -226,6 +226,12 @@ def build_plan(cfg: PlanConfig) -> dict[str, Any]:
         schedule_layouts(batch.sizes(), seq_len, train.micro_batch_size, world)
     except ConfigError as err:
         warnings.append(f"batch on {world} GPUs: {err}")
+    if cfg.deepspeed.expert_parallel_size:
+        warnings.append(
+            f"deepspeed.expert_parallel_size={cfg.deepspeed.expert_parallel_size} is not modelled: the memory "
+            "figures are plain ZeRO-3's (every expert sharded over all ranks, a layer's experts gathered whole), "
+            "not expert parallelism's (E/N experts held whole per rank, tokens moved by all-to-all)"
+        )
     configured = Strategy.of(cfg.deepspeed)
     strategies = [configured, *(s for s in STRATEGIES if s != configured)]
     variants = [evaluate(cfg, inventory, s, world, train.micro_batch_size) for s in strategies]

@@ -203,7 +203,7 @@ class TrainingEngine:
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
         self.model = model
-        self.expert_parallel = attach_expert_parallel_routers(model)
+        attach_expert_parallel_routers(model)
         self.router_stats = RouterStats(
             [i for i in range(cfg.model.n_layers) if cfg.model.moe.is_moe_layer(i)]
         )
@@ -252,7 +252,8 @@ class TrainingEngine:
         if self.model.router_loss is not None:
             # MoE: the router losses of each micro-batch weigh 1 / accumulation steps, so after DeepSpeed's
             # average over ranks the objective holds their mean over every micro-batch of the global batch
-            # (Megatron-Core's normalisation); their statistics are kept for the step log.
+            # (as Megatron-Core, which sums the layers where the model averages them); their statistics are
+            # kept for the step log.
             objective = objective + self.model.router_loss / self.accumulation_steps
             self.router_stats.add(self.model.router_stats)
             self.model.router_loss = None

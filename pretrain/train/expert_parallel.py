@@ -5,7 +5,8 @@ groups of `expert_parallel_size` ranks (tokens travel to their experts and back 
 parameters stay under plain ZeRO-3). It reads our layout as it is: the router's `weight` [E, D] and the experts'
 fused `gate_up_proj` [E, 2F, D] and `down_proj` [E, D, F]. Its layer routes as ours (softmax over the experts,
 top-k, renormalised over the k: the softmax over the top-k logits) but returns only the output, so the block
-computes our router losses from the logits of AutoEP's router gate (`Block.route_elsewhere`).
+computes our router losses from the logits of AutoEP's router gate, made to compute in fp32 as ours
+(`Block.router_losses_from`).
 
 Names change under AutoEP (`mlp.router.gate.weight`, `mlp.experts.w1/w2/w3` with gate and up split), and so do
 its checkpoints: `zero_to_fp32` refuses them and `pretrain.checkpoint.weights` reads their universal copy.
@@ -13,7 +14,11 @@ its checkpoints: `zero_to_fp32` refuses them and `pretrain.checkpoint.weights` r
 
 from __future__ import annotations
 
+import functools
 from typing import Any
+
+import torch
+import torch.nn.functional as F
 
 from data.log import get_logger
 from pretrain.config import PretrainConfig
@@ -47,14 +52,23 @@ def autoep_config(cfg: PretrainConfig) -> dict[str, Any]:
 
 def attach_expert_parallel_routers(model: Transformer) -> bool:
     """After `deepspeed.initialize`: where AutoEP replaced an MoE layer (its layer returns only the output),
-    the block computes the router losses from the logits of AutoEP's router gate. Whether any was replaced."""
-    replaced = False
+    its router gate computes the logits in fp32 as ours does (AutoEP's runs in the weights' dtype, so in bf16
+    some near-tie tokens would pick other experts than our layer picks), and the block computes the router
+    losses from those logits. Whether any layer was replaced."""
+    replaced = []
     for block in model.layers:
         if block.is_moe and not isinstance(block.mlp, MoEFeedForward):
-            block.route_elsewhere(block.mlp.router.gate)
-            replaced = True
+            gate = block.mlp.router.gate
+            gate.forward = functools.partial(_fp32_linear, gate)
+            block.router_losses_from(gate)
+            replaced.append(type(block.mlp).__name__)
     if replaced:
         log.info(
-            "expert parallelism: MoE layers replaced by DeepSpeed AutoEP's (%s)", type(block.mlp).__name__
+            "expert parallelism: %d MoE layers replaced by DeepSpeed AutoEP's %s", len(replaced), replaced[0]
         )
-    return replaced
+    return bool(replaced)
+
+
+def _fp32_linear(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    bias = None if linear.bias is None else linear.bias.float()
+    return F.linear(x.float(), linear.weight.float(), bias)

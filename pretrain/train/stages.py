@@ -25,6 +25,7 @@ difference named.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,16 +49,20 @@ ARCHITECTURE_KEYS = (
     "ffn_dim",
     "tie_embeddings",
     "norm_eps",
+    "moe.num_experts",
+    "expert_ffn_dim",
+    "moe.every_n_layers",
 )
 
 
 def architecture_differences(parent: ModelConfig, child: ModelConfig) -> list[str]:
     """`model.<key>: parent X, this run Y` for every weight-shaping key that differs."""
-    return [
-        f"model.{key}: parent {getattr(parent, key)}, this run {getattr(child, key)}"
-        for key in ARCHITECTURE_KEYS
-        if getattr(parent, key) != getattr(child, key)
-    ]
+    differences = []
+    for key in ARCHITECTURE_KEYS:
+        read = operator.attrgetter(key)  # dotted for the nested MoE keys
+        if read(parent) != read(child):
+            differences.append(f"model.{key}: parent {read(parent)}, this run {read(child)}")
+    return differences
 
 
 def tokenizer_record(tok: TokenizerInfo) -> dict[str, Any]:

@@ -181,6 +181,17 @@ def test_export_is_a_mixtral_with_our_logits(tokenizer_dir, tmp_path):
         4,
         2,
     )
+    from safetensors import safe_open
+
+    with safe_open(
+        str(Path(out) / "model.safetensors"), "pt"
+    ) as f:  # the published layout, one w1/w3/w2 each
+        names = set(f.keys())
+    assert {
+        "model.layers.1.block_sparse_moe.gate.weight",
+        "model.layers.1.block_sparse_moe.experts.3.w3.weight",
+    } <= names
+    assert not any(".mlp." in n for n in names)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     assert type(theirs).__name__ == "MixtralForCausalLM"
     batch = packed_batch()

@@ -133,6 +133,10 @@ def test_a_parent_of_another_architecture_or_tokenizer_is_refused_naming_the_dif
     assert architecture_differences(parent.config().model, deeper.model) == [
         "model.n_layers: parent 2, this run 3"
     ]
+    moe = compose_pretrain_config([*same, "model.moe.num_experts=4"])  # an MoE child of a dense parent
+    assert architecture_differences(parent.config().model, moe.model) == [
+        "model.moe.num_experts: parent 0, this run 4"
+    ]
     other = compose_pretrain_config(
         [*same, "model.n_layers=3", "tokenizer.vocab_size=600", "model.vocab_size=600"]
     )
