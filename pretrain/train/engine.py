@@ -27,7 +27,11 @@ from pretrain.planning.hardware import cpu_threads_per_rank, resolve_precision
 from pretrain.train import versions
 from pretrain.train.collectives import barrier, broadcast_object
 from pretrain.train.dist_env import DistEnv, cuda_device_index, dist_env, launch_environment
-from pretrain.train.expert_parallel import attach_expert_parallel_routers, autoep_config
+from pretrain.train.expert_parallel import (
+    attach_expert_parallel_routers,
+    autoep_config,
+    check_checkpoint_layout,
+)
 from pretrain.train.metrics import RouterStats
 
 log = get_logger(__name__)
@@ -177,6 +181,7 @@ class TrainingEngine:
         log.info("training in %s (%s)", self.precision, why)
         self.ds_config = deepspeed_config(cfg, layout, self.precision)
         ep = cfg.deepspeed.expert_parallel_size
+        check_checkpoint_layout(cfg)
         if ep and env.world_size % ep:
             raise ConfigError(
                 f"deepspeed.expert_parallel_size={ep} does not divide the {env.world_size} ranks: choose a divisor "

@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from data.log import get_logger
-from pretrain.config import PretrainConfig
+from pretrain.checkpoint import find_checkpoint
+from pretrain.checkpoint.run_dir import RunDir
+from pretrain.checkpoint.weights import has_expert_parallel_layers
+from pretrain.config import ConfigError, PretrainConfig
 from pretrain.model.moe import MoEFeedForward
 from pretrain.model.transformer import Transformer
 
@@ -72,3 +75,26 @@ def attach_expert_parallel_routers(model: Transformer) -> bool:
 def _fp32_linear(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     bias = None if linear.bias is None else linear.bias.float()
     return F.linear(x.float(), linear.weight.float(), bias)
+
+
+def check_checkpoint_layout(cfg: PretrainConfig) -> None:
+    """Refuse to resume (or to start a stage from a parent) across expert parallelism switched on or off: AutoEP's
+    checkpoints name and split the experts differently, so the load would fail on every checkpoint and the run
+    would look broken. Changing N (and the world size) is fine; the universal copy re-slices the experts."""
+    committed = RunDir(cfg.run_dir).committed()
+    if committed:
+        source, what = committed[-1], "this run's checkpoints were"
+    elif cfg.train.init_from:
+        source, what = (
+            find_checkpoint(cfg.train.init_from).path,
+            "the parent's checkpoint (train.init_from) was",
+        )
+    else:
+        return
+    written_with = has_expert_parallel_layers(source)
+    if written_with != bool(cfg.deepspeed.expert_parallel_size):
+        raise ConfigError(
+            f"deepspeed.expert_parallel_size: {what} written {'with' if written_with else 'without'} expert "
+            f"parallelism ({source}), and this run has it {'on' if not written_with else 'off'}; keep it "
+            f"{'on (any size that divides the experts and ranks)' if written_with else 'off (0)'} for this run"
+        )

@@ -15,7 +15,7 @@ split over 2 ranks (EP = 2) takes the same steps as plain ZeRO-3, losses and gra
 losses) within 1e-5 relative (observed about 2e-8), stops at step 14 and resumes on 1 rank (EP = 1) through the
 universal checkpoint, within 1e-3 of the uninterrupted run (observed about 1e-7); its final checkpoint, which
 `zero_to_fp32` refuses, consolidates through its universal copy to the straight run's weights within 1e-4, and
-`evaluate` reads it.
+`evaluate` reads it; resuming it with expert parallelism switched off is refused naming the key.
 """
 
 from __future__ import annotations
@@ -157,3 +157,15 @@ def test_expert_parallel_run_equals_plain_zero3_and_moves_to_another_world_size(
         env={k: v for k, v in os.environ.items() if k != "RANK"},
     )  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+
+    # Expert parallelism switched off on resume: refused naming the key, not every checkpoint called broken.
+    cmd = [sys.executable, "-m", "pretrain", "+experiment=debug", f"paths.artifacts={debug_artifacts}",
+           f"paths.runs={runs}", *OVERRIDES, f"train.total_tokens={25 * 512 + (STEPS - 24) * 1024}",
+           "deepspeed.expert_parallel_size=0"]  # fmt: skip
+    switched = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env={k: v for k, v in os.environ.items() if k != "RANK"})  # fmt: skip
+    assert switched.returncode != 0
+    assert (
+        "deepspeed.expert_parallel_size: this run's checkpoints were written with expert" in switched.stderr
+    )
+    assert "broken" not in switched.stderr
