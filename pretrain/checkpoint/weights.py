@@ -48,10 +48,13 @@ def consolidate(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def has_expert_parallel_layers(checkpoint_dir: Path) -> bool:
-    """Whether DeepSpeed AutoEP wrote the checkpoint (its model states list the expert-parallel layers)."""
+def has_expert_parallel_layers(checkpoint_dir: Path, missing_ok: bool = True) -> bool:
+    """Whether DeepSpeed AutoEP wrote the checkpoint (its model states list the expert-parallel layers); a
+    checkpoint without model states is not one, or with `missing_ok=False` an error."""
     states = sorted(Path(checkpoint_dir).glob("*model_states.pt"))
     if not states:
+        if not missing_ok:
+            raise FileNotFoundError(f"no model states in {checkpoint_dir}")
         return False
     return bool(torch.load(states[0], map_location="cpu", weights_only=False).get(AUTOEP_LAYERS, []))
 

@@ -15,6 +15,7 @@ its checkpoints: `zero_to_fp32` refuses them and `pretrain.checkpoint.weights` r
 from __future__ import annotations
 
 import functools
+import pickle
 from typing import Any
 
 import torch
@@ -83,15 +84,20 @@ def check_checkpoint_layout(cfg: PretrainConfig) -> None:
     would look broken. Changing N (and the world size) is fine; the universal copy re-slices the experts."""
     committed = RunDir(cfg.run_dir).committed()
     if committed:
-        source, what = committed[-1], "this run's checkpoints were"
+        sources, what = committed[::-1], "this run's checkpoints were"
     elif cfg.train.init_from:
-        source, what = (
-            find_checkpoint(cfg.train.init_from).path,
-            "the parent's checkpoint (train.init_from) was",
-        )
+        sources = [find_checkpoint(cfg.train.init_from).path]
+        what = "the parent's checkpoint (train.init_from) was"
     else:
         return
-    written_with = has_expert_parallel_layers(source)
+    for source in sources:  # the newest whose model states read (a broken one is the resume's business)
+        try:
+            written_with = has_expert_parallel_layers(source, missing_ok=False)
+            break
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # missing or truncated
+            continue
+    else:
+        return
     if written_with != bool(cfg.deepspeed.expert_parallel_size):
         raise ConfigError(
             f"deepspeed.expert_parallel_size: {what} written {'with' if written_with else 'without'} expert "
