@@ -12,6 +12,7 @@ from collections import deque
 import torch
 
 from pretrain.model.flops import ModelFlops
+from pretrain.model.moe import STAT_BALANCE, STAT_COUNTS, STAT_ENTROPY, STAT_Z
 from pretrain.train.collectives import all_reduce_sum
 
 
@@ -113,14 +114,14 @@ class RouterStats:
         shape = self.total.shape
         summed = all_reduce_sum([*self.total.flatten().tolist(), float(self.forwards)], device)
         total = torch.tensor(summed[:-1], dtype=torch.float64).view(shape)
-        means = total[:, :3] / summed[-1]
-        counts = total[:, 3:]
+        means = total[:, :STAT_COUNTS] / summed[-1]
+        counts = total[:, STAT_COUNTS:]
         shares = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
         max_load = shares.max(dim=1).values * counts.shape[1]
         metrics = {
-            "moe/load_balance_loss": float(means[:, 0].mean()),
-            "moe/z_loss": float(means[:, 1].mean()),
-            "moe/router_entropy": float(means[:, 2].mean()),
+            "moe/load_balance_loss": float(means[:, STAT_BALANCE].mean()),
+            "moe/z_loss": float(means[:, STAT_Z].mean()),
+            "moe/router_entropy": float(means[:, STAT_ENTROPY].mean()),
             "moe/max_load": float(max_load.max()),
         }
         for row, layer in enumerate(self.layers):

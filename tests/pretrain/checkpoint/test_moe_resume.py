@@ -26,12 +26,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from pretrain.checkpoint import newest_weights
 from pretrain.evaluation.expert_load import expert_load_history
 from pretrain.train.faults import KILL_AT_STEP
 from tests.helpers import ROOT, read_metrics, run_pretrain, step_losses
+from tests.pretrain.model.test_parity import weights_difference
 
 pytestmark = pytest.mark.slow
 
@@ -147,10 +147,7 @@ def test_expert_parallel_run_equals_plain_zero3_and_moves_to_another_world_size(
     assert checkpoint.step == STEPS
     _, plain = newest_weights(straight / "moe")
     assert sorted(weights) == sorted(plain)
-    with torch.no_grad():
-        diff = sum(float((weights[n] - plain[n]).double().pow(2).sum()) for n in plain)
-        norm = sum(float(plain[n].double().pow(2).sum()) for n in plain)
-    assert (diff / norm) ** 0.5 < 1e-4
+    assert weights_difference(weights, plain) < 1e-4
     evaluated = subprocess.run(
         [sys.executable, "-m", "pretrain.evaluate", f"run={runs / 'moe'}", "batches=1", "device=cpu"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,

@@ -29,7 +29,7 @@ from pretrain.model.config import MoEConfig
 from pretrain.model.flops import count_active_parameters, count_parameters, flops_per_token
 from pretrain.model.moe import STAT_BALANCE, STAT_COUNTS, STAT_Z, Experts, MoEFeedForward
 from pretrain.model.transformer import Transformer
-from tests.pretrain.model.test_sliding_window import packed_batch
+from tests.pretrain.model.test_sliding_window import model_with_weights, packed_batch
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # noqa: E402
@@ -42,16 +42,6 @@ CFG = ModelConfig(
 )  # fmt: skip
 
 
-def model_with_weights(cfg: ModelConfig = CFG) -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    with torch.no_grad():  # norm weights of ones would hide a norm mapped to the wrong place
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-    return model
-
-
 def hf_mixtral(state: dict[str, torch.Tensor], attention: str, cfg: ModelConfig = CFG):
     config = mixtral_config(cfg, bos_id=1, eos_id=2, pad_id=0, dtype="float32")
     model = transformers.MixtralForCausalLM(
@@ -62,7 +52,7 @@ def hf_mixtral(state: dict[str, torch.Tensor], attention: str, cfg: ModelConfig 
 
 
 def test_loss_router_losses_and_gradients_equal_transformers_mixtral():
-    ours = model_with_weights()
+    ours = model_with_weights(CFG)
     batch = packed_batch()
     loss = ours(
         batch["input_ids"], batch["position_ids"], batch["document_ids"], batch["labels"], None, "sum"
@@ -92,7 +82,7 @@ def test_loss_router_losses_and_gradients_equal_transformers_mixtral():
 
 
 def test_routing_weights_are_mixtrals_renormalised_top_k():
-    layer = model_with_weights().layers[0].mlp
+    layer = model_with_weights(CFG).layers[0].mlp
     config = transformers.MixtralConfig(**mixtral_config(CFG, 1, 2, 0, "float32"))
     router = transformers.models.mixtral.modeling_mixtral.MixtralTopKRouter(config)
     router.weight.data.copy_(layer.router.weight.data)

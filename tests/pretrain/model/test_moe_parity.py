@@ -20,7 +20,6 @@ loss by 7e-4 with accumulation). The test also caught the router keeping PyTorch
 
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -38,6 +37,7 @@ from tests.pretrain.model.test_parity import (
     WEIGHTS_RTOL,
     reference_run,
     relative,
+    weights_difference,
 )
 
 pytest.importorskip("transformers")
@@ -99,10 +99,7 @@ def test_moe_trainer_losses_equal_a_plain_transformers_mixtral_loop(moe_parity, 
     checkpoint, trained = newest_weights(run_dir)
     assert checkpoint.step == STEPS
     assert sorted(hf_name(n) for n in trained) == sorted(ref.final)
-    with torch.no_grad():
-        diff = sum(float((trained[n] - ref.final[hf_name(n)]).double().pow(2).sum()) for n in trained)
-        norm = sum(float(ref.final[hf_name(n)].double().pow(2).sum()) for n in trained)
-    weights_diff = math.sqrt(diff / norm)
+    weights_diff = weights_difference(trained, ref.final, hf_name)
     print(
         f"\nMoE parity {case}: max relative difference: loss {max(loss_diffs):.2e}, grad norm"
         f" {max(norm_diffs):.2e}, balance loss {max(balance_diffs):.2e}, final weights {weights_diff:.2e}"

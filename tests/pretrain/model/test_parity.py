@@ -89,6 +89,16 @@ def relative(got: float, want: float) -> float:
     return abs(got - want) / abs(want)
 
 
+def weights_difference(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], name_in_want=lambda name: name
+) -> float:
+    """||got - want|| / ||want|| over all parameters (fp64), `got`'s names mapped to `want`'s."""
+    with torch.no_grad():
+        diff = sum(float((t - want[name_in_want(n)]).double().pow(2).sum()) for n, t in got.items())
+        norm = sum(float(want[name_in_want(n)].double().pow(2).sum()) for n in got)
+    return math.sqrt(diff / norm)
+
+
 def lr_formula(cfg: PretrainConfig, tokens: int) -> float:
     """Linear warmup to the peak over warmup_tokens, then cosine to min_lr_ratio * peak at total_tokens."""
     peak, warmup, total = cfg.optim.lr, cfg.optim.warmup_tokens, cfg.train.total_tokens
@@ -365,10 +375,7 @@ def test_trainer_losses_equal_a_plain_transformers_loop(parity, case):
     checkpoint, trained = newest_weights(run_dir)
     assert checkpoint.step == STEPS
     assert sorted(hf_name(n) for n in trained) == sorted(ref.final)
-    with torch.no_grad():
-        diff = sum(float((trained[n] - ref.final[hf_name(n)]).double().pow(2).sum()) for n in trained)
-        norm = sum(float(ref.final[hf_name(n)].double().pow(2).sum()) for n in trained)
-    weights_diff = math.sqrt(diff / norm)
+    weights_diff = weights_difference(trained, ref.final, hf_name)
 
     print(
         f"\nparity {case} ({ranks} rank(s), micro-batch {micro}, accumulation {accumulation}): max relative"

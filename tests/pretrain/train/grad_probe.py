@@ -28,6 +28,7 @@ import torch
 from data.loader import IGNORE_INDEX, split_micro_batches
 from pretrain.batching import batch_layout
 from pretrain.config import compose_pretrain_config
+from pretrain.model.moe import STAT_COUNTS
 from pretrain.model.transformer import Transformer
 from pretrain.train import engine as eng
 
@@ -141,7 +142,7 @@ def train_disjoint(engine, env, layout, batch, args) -> None:
             for i, mb in enumerate(micro_batches)
         ]
         update = engine.optimizer_step()
-        counts = engine.router_stats.total[:, 3:].sum(dim=0).tolist()
+        counts = engine.router_stats.total[:, STAT_COUNTS:].sum(dim=0).tolist()
         engine.router_stats.take(engine.device)
         steps.append(
             {"loss": sum(losses), "grad_norm": update.grad_norm, "counts": all_gather_object(counts)}
