@@ -124,6 +124,16 @@ class DeepSpeedConfig:
     # (expert parallelism: tokens travel to their experts by all-to-all); 0 = off, every rank gathers every
     # expert under plain ZeRO-3. Divides model.moe.num_experts and the world size.
     expert_parallel_size: int = 0
+    # Sequence parallelism (DeepSpeed-Ulysses): each sequence is split over groups of this many consecutive ranks,
+    # which trade it for a slice of the attention heads by all-to-all around each attention; 1 = off. Divides the
+    # world size, model.n_heads, and model.kv_heads (or is a multiple of it); the data-parallel size is
+    # world / this, and every batch size counts data-parallel ranks.
+    sequence_parallel_size: int = 1
+    # With sequence parallelism (or alone): run each SwiGLU over ceil(tokens per rank / model.dim) slices of the
+    # sequence with DeepSpeed's TiledMLP, so its [tokens, ffn] intermediates exist one slice at a time.
+    tiled_mlp: bool = False
+    # TiledMLP's slices per sequence; 0 = ceil(tokens per rank / model.dim), as ALST chooses (raised to a divisor).
+    tiled_mlp_shards: int = 0
     # Collective timeout: a hung rank makes the job fail instead of hanging forever.
     timeout_minutes: float = 30.0
     # Raw DeepSpeed keys merged last, for anything not modelled above.
@@ -149,6 +159,15 @@ class DeepSpeedConfig:
         )
         require(self.checkpoint_every_n_layers >= 1, f"{key}.checkpoint_every_n_layers", "must be at least 1")
         require(self.expert_parallel_size >= 0, f"{key}.expert_parallel_size", "must be 0 (off) or positive")
+        require(self.sequence_parallel_size >= 1, f"{key}.sequence_parallel_size", "must be 1 (off) or more")
+        require(
+            self.sequence_parallel_size == 1 or not self.expert_parallel_size,
+            f"{key}.sequence_parallel_size",
+            "DeepSpeed AutoEP under ZeRO-3 does not support sequence parallelism; set "
+            f"{key}.expert_parallel_size=0 or {key}.sequence_parallel_size=1",
+        )
+        require(isinstance(self.tiled_mlp, bool), f"{key}.tiled_mlp", "must be true or false")
+        require(self.tiled_mlp_shards >= 0, f"{key}.tiled_mlp_shards", "must be 0 (automatic) or positive")
         require(self.timeout_minutes > 0, f"{key}.timeout_minutes", "must be positive")
         require(
             isinstance(self.allow_untested_version, bool),
@@ -316,6 +335,14 @@ class PretrainConfig:
                 "deepspeed.expert_parallel_size",
                 "is built for deepspeed.zero_stage=3 (AutoEP's ZeRO-1/2 path needs DeepSpeed's own optimizer)",
             )
+        sp, heads, kv = self.deepspeed.sequence_parallel_size, self.model.n_heads, self.model.kv_heads
+        if sp > 1:
+            key = "deepspeed.sequence_parallel_size"
+            require(heads % sp == 0, key, f"{sp} does not divide model.n_heads={heads}")
+            require(
+                kv % sp == 0 or sp % kv == 0, key, f"{sp} and model.kv_heads={kv} must divide one another"
+            )
+            require(seq_len % sp == 0, key, f"{sp} does not divide data.packing.seq_len={seq_len}")
         # Every batch size must at least divide on one rank; the world size is checked again at start.
         schedule_layouts(self.batch_schedule().sizes(), seq_len, self.train.micro_batch_size, world_size=1)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -162,6 +163,44 @@ def attention_mask(
     return dense_mask(keep_pair(document_ids, window), batch, length, device)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
+    """Scaled dot-product attention of q [B, H, T, d] over k, v [B, H_kv, S, d] (H a multiple of H_kv) under
+    `mask` as `attention_mask` or a KV cache makes it: [B, H, T, d]."""
+    gqa = k.shape[1] != q.shape[1]
+    if BlockMask is not None and isinstance(mask, BlockMask):
+        batch, rows = q.shape[0], mask.shape[0]  # the mask may cover a padded batch (see attention_mask)
+        q, k, v = pad_rows(q, rows), pad_rows(k, rows), pad_rows(v, rows)
+        return _on_cuda(flex_attention, q.device)(q, k, v, block_mask=mask, enable_gqa=gqa)[:batch]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if isinstance(mask, str) and mask == ATTEND_ALL:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def documents_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """Document ids [B, T] of packed rows from their position ids alone: a document (and the padding run) starts
+    exactly where its position id is 0 (`data.packing.materialize`), so they count those starts. Padding gets an
+    id of its own rather than -1; it attends only to earlier padding either way."""
+    return torch.cumsum(position_ids == 0, dim=1) - 1
+
+
+@dataclass(frozen=True)
+class SequenceSlice:
+    """The `mask` of a forward on a sequence-parallel rank, which holds one slice of each sequence: no mask can be
+    built from a slice, so each attention passes the slice's global position ids to its sequence-parallel core,
+    which gathers the whole sequence and builds the mask there."""
+
+    position_ids: torch.Tensor
+
+
+# (attention module, q [B, H, T/SP, d], k and v [B, H_kv, T/SP, d] after RoPE, the slice's global position ids)
+# -> the attention output of this rank's slice for o_proj [B, T/SP, H * d].
+SequenceParallelAttention = Callable[
+    [nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
+]
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE; n_heads query heads share n_kv_heads key/value heads."""
 
@@ -174,6 +213,8 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
         self.v_proj = Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
         self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, out_std)
+        # Set through `Transformer.set_sequence_parallel`: the core attention of a sequence-parallel rank.
+        self.sequence_parallel: SequenceParallelAttention | None = None
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Any, cache: KVCache | None = None
@@ -185,17 +226,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(self.layer_index, k, v)
-        gqa = self.n_kv_heads != self.n_heads
-        if BlockMask is not None and isinstance(mask, BlockMask):
-            rows = mask.shape[0]  # the mask may cover a padded batch (see attention_mask)
-            q, k, v = pad_rows(q, rows), pad_rows(k, rows), pad_rows(v, rows)
-            out = _on_cuda(flex_attention, q.device)(q, k, v, block_mask=mask, enable_gqa=gqa)[:batch]
-        elif mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif isinstance(mask, str) and mask == ATTEND_ALL:
-            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if isinstance(mask, SequenceSlice):
+            # This rank holds a slice of the sequence: the sequence-parallel core attends over the whole of it.
+            assert self.sequence_parallel is not None, "set_sequence_parallel was not called"
+            return self.o_proj(self.sequence_parallel(self, q, k, v, mask.position_ids))
+        out = attend(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -208,7 +243,14 @@ class FeedForward(nn.Module):
         self.up_proj = Linear(cfg.dim, cfg.ffn_dim, cfg.init_std)
         self.down_proj = Linear(cfg.ffn_dim, cfg.dim, cfg.init_std / math.sqrt(2 * cfg.n_layers))
 
+        # Set from outside to run the SwiGLU in slices of the sequence (DeepSpeed's TiledMLP): called as
+        # tiled(self, x) and expected to compute `swiglu` over x.
+        self.tiled: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.swiglu(x) if self.tiled is None else self.tiled(self, x)
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -271,6 +313,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.checkpoint_fn: Callable[..., torch.Tensor] | None = None
         self.checkpoint_every = 1
+        self.sequence_parallel_size = 1  # see `set_sequence_parallel`
         # Of the last forward, with MoE layers: the weighted router losses averaged over those layers (with its
         # gradient; the trainer adds it to the objective) and their detached statistics [MoE layers, 3 + E].
         self.router_loss: torch.Tensor | None = None
@@ -286,6 +329,15 @@ class Transformer(nn.Module):
             raise ValueError(f"every_n must be at least 1, got {every_n}")
         self.checkpoint_fn, self.checkpoint_every = fn, every_n
 
+    def set_sequence_parallel(self, core: SequenceParallelAttention | None, size: int = 1) -> None:
+        """Let forwards with `sequence_sliced=True` run on one slice of each sequence out of `size` (sequence
+        parallelism): every attention then goes through `core`, which sees the whole sequence. Set from the
+        training side (DeepSpeed-Ulysses); None turns it off. Other forwards (generation, evaluation) are unchanged.
+        """
+        for layer in self.layers:
+            layer.attn.sequence_parallel = core
+        self.sequence_parallel_size = size if core is not None else 1
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -294,18 +346,30 @@ class Transformer(nn.Module):
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
         reduction: str = "mean",
+        sequence_sliced: bool = False,
     ) -> torch.Tensor:
         """Logits [B, T, V], or with `labels` (IGNORE_INDEX skipped) the next-token cross-entropy: its mean
         over the targets, or with `reduction="sum"` its sum (the trainer normalises by the global batch).
 
         `labels` are already shifted: labels[:, t] is the target for the prediction at position t. With a
         `cache`, `input_ids` continue the cached sequence: positions start at `cache.length`, attention sees
-        the cached keys too, and the cache grows by T.
+        the cached keys too, and the cache grows by T. With `sequence_sliced` (sequence parallelism, see
+        `set_sequence_parallel`) the inputs are this rank's slice of each sequence, with its global `position_ids`;
+        the loss is then this slice's sum.
         """
         cfg = self.cfg
         batch, length = input_ids.shape
-        if length > cfg.max_seq_len:
-            raise ValueError(f"sequence length {length} exceeds model.max_seq_len={cfg.max_seq_len}")
+        if sequence_sliced:
+            if self.sequence_parallel_size == 1 or cache is not None or position_ids is None:
+                raise ValueError(
+                    "a sequence-sliced forward needs set_sequence_parallel, the slice's global position_ids "
+                    "and no KV cache"
+                )
+            length_whole = length * self.sequence_parallel_size
+        else:
+            length_whole = length
+        if length_whole > cfg.max_seq_len:
+            raise ValueError(f"sequence length {length_whole} exceeds model.max_seq_len={cfg.max_seq_len}")
         past = 0 if cache is None else cache.length
         if cache is not None and document_ids is not None:
             raise ValueError("document_ids (packed batches) cannot be combined with a KV cache")
@@ -316,7 +380,9 @@ class Transformer(nn.Module):
             else:
                 position_ids = positions_from_documents(document_ids)
         cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, Yarn.of(cfg))
-        if cache is None:
+        if sequence_sliced:
+            mask = SequenceSlice(position_ids)
+        elif cache is None:
             mask = attention_mask(cfg, length, document_ids, input_ids.device)
         else:
             mask = cache.attention_mask(length, input_ids.device)

@@ -33,6 +33,8 @@ from pretrain.train.expert_parallel import (
     check_checkpoint_layout,
 )
 from pretrain.train.metrics import RouterStats
+from pretrain.train.optimizer import build_optimizer, deepspeed_fused_adam_prebuilt
+from pretrain.train.sequence_parallel import SequenceParallel, attach_tiled_mlp, init_sequence_parallel
 
 log = get_logger(__name__)
 
@@ -124,38 +126,9 @@ def deepspeed_config(cfg: PretrainConfig, layout: BatchLayout, precision: str = 
     }
     if ds.expert_parallel_size:
         config["expert_parallel"] = autoep_config(cfg)
+    if ds.sequence_parallel_size > 1:
+        config["sequence_parallel_size"] = ds.sequence_parallel_size
     return merge_deep(config, ds.extra)
-
-
-def deepspeed_fused_adam_prebuilt() -> bool:
-    """Whether this DeepSpeed was installed with its FusedAdam op compiled in (DS_BUILD_FUSED_ADAM=1). Otherwise
-    FusedAdam compiles at first use: it needs nvcc matching torch's CUDA, ninja and a writable extension cache,
-    all local ranks wait on one file lock, and a rank killed mid-build leaves a stale lock behind."""
-    from deepspeed.git_version_info import installed_ops
-
-    return bool(installed_ops.get("fused_adam", False))
-
-
-def build_optimizer(
-    cfg: PretrainConfig, groups: list[dict], fused_adam_prebuilt: bool | None = None
-) -> torch.optim.Optimizer:
-    """AdamW for the engine: DeepSpeed's CPU Adam with optimizer offload; on GPU DeepSpeed's FusedAdam where it
-    was prebuilt, else torch's fused AdamW (the same update, no compiler needed); torch's AdamW on CPU."""
-    opt = cfg.optim
-    kwargs = {"lr": opt.lr, "betas": tuple(opt.betas), "eps": opt.eps}
-    if cfg.deepspeed.offload_optimizer == "cpu":
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    if torch.cuda.is_available():
-        if fused_adam_prebuilt is None:
-            fused_adam_prebuilt = deepspeed_fused_adam_prebuilt()
-        if fused_adam_prebuilt:
-            from deepspeed.ops.adam import FusedAdam
-
-            return FusedAdam(groups, adam_w_mode=True, **kwargs)
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -187,9 +160,13 @@ class TrainingEngine:
                 f"deepspeed.expert_parallel_size={ep} does not divide the {env.world_size} ranks: choose a divisor "
                 "of the world size (expert-parallel groups never span a partial set of ranks)"
             )
+        mpu = init_sequence_parallel(cfg, env.world_size)  # DeepSpeed's sequence-parallel groups, or None
+        self.sequence_parallel = SequenceParallel(cfg, mpu)
+        self.layout = layout
         # Before the (costly) model: every rank runs the probe, a collective, on the run's own ZeRO config.
-        versions.check_gradient_scale(self.ds_config, env.world_size)
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=cfg.deepspeed.zero_stage == 3):
+        versions.check_gradient_scale(self.ds_config, env.world_size, mpu)
+        zero3 = cfg.deepspeed.zero_stage == 3
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, mpu=mpu, enabled=zero3):
             model = Transformer(cfg.model)
         if cfg.deepspeed.activation_checkpointing:
             model.set_activation_checkpointing(_checkpoint_fn(), cfg.deepspeed.checkpoint_every_n_layers)
@@ -205,10 +182,13 @@ class TrainingEngine:
             {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups
         ]
         self.deepspeed_engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
+            model=model, optimizer=optimizer, config=self.ds_config, mpu=mpu, dist_init_required=False
         )
         self.model = model
         attach_expert_parallel_routers(model)
+        self.sequence_parallel.attach(model)
+        if cfg.deepspeed.tiled_mlp:
+            attach_tiled_mlp(model, cfg.deepspeed.tiled_mlp_shards)
         self.router_stats = RouterStats(
             [i for i in range(cfg.model.n_layers) if cfg.model.moe.is_moe_layer(i)]
         )
@@ -216,8 +196,14 @@ class TrainingEngine:
 
     # -- batch and LR -------------------------------------------------------------------------------------
     def set_batch(self, layout: BatchLayout) -> None:
-        """Resize the global batch through DeepSpeed (its accumulation steps follow)."""
-        if layout.sequences != self.deepspeed_engine.train_batch_size():
+        """Resize the global batch through DeepSpeed (its accumulation steps follow). With sequence parallelism
+        DeepSpeed 0.19.8 cannot resize (its data-parallel size is unset under Ulysses' groups); nothing needs it
+        to, as the accumulation boundary is set per micro-batch and `accumulation_steps` follows the layout."""
+        self.layout = layout
+        if (
+            not self.sequence_parallel.enabled
+            and layout.sequences != self.deepspeed_engine.train_batch_size()
+        ):
             self.deepspeed_engine.set_train_batch_size(layout.sequences)
 
     def set_lr(self, lr: float) -> None:
@@ -234,7 +220,9 @@ class TrainingEngine:
         over every micro-batch and rank), as torchtitan and OLMo-core normalise: each micro-batch's summed
         loss is scaled by world_size / global_targets, and DeepSpeed's own division by the accumulation steps
         is turned off, so after its average over ranks every target token weighs the same, whatever the
-        micro-batch size, the padding or the number of ranks.
+        micro-batch size, the padding or the number of ranks. With sequence parallelism the batch is this rank's
+        slice of its group's sequences and `global_targets` counts each target once (on the rank that holds it);
+        DeepSpeed still averages over every rank, so the scale is the same (checked at start by the probe).
 
         ZeRO-3 reduces the gradients across ranks at the gradient-accumulation boundary, `last`, the final
         micro-batch of the global batch. The boundary is set explicitly rather than left to DeepSpeed's
@@ -249,6 +237,7 @@ class TrainingEngine:
             document_ids=batch.get("document_ids"),
             labels=batch["labels"],
             reduction="sum",
+            sequence_sliced=self.sequence_parallel.enabled,
         )
         if poison:
             loss_sum = loss_sum * float("nan")
@@ -284,8 +273,8 @@ class TrainingEngine:
 
     @property
     def accumulation_steps(self) -> int:
-        """Micro-batches per optimizer step, as DeepSpeed counts them for the current global batch."""
-        return self.deepspeed_engine.gradient_accumulation_steps()
+        """Micro-batches per optimizer step of the current global batch."""
+        return self.layout.accumulation
 
     def compile(self) -> None:
         """torch.compile the model inside the DeepSpeed engine (DeepSpeed's own entry, hooks kept)."""
@@ -312,6 +301,7 @@ class TrainingEngine:
             document_ids=batch["document_ids"],
             labels=batch["labels"],
             reduction="sum",
+            sequence_sliced=self.sequence_parallel.enabled,
         )
         self.deepspeed_engine.train()
         return float(loss_sum), int((batch["labels"] != IGNORE_INDEX).sum())

@@ -99,3 +99,15 @@ def _entry(line: str) -> dict | None:
         return json.loads(line) if line.strip() else None
     except json.JSONDecodeError:
         return None
+
+
+def console_line(metrics: dict[str, float], step: int) -> str:
+    """The log line of a step's metrics: the headline numbers of a training step, or every metric of another."""
+    if "train/loss" not in metrics:
+        return f"step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    return (
+        f"step {step} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.2e} | grad "
+        f"{metrics['train/grad_norm']:.3f} | batch {int(metrics['train/batch_tokens'])} | "
+        f"{metrics.get('perf/tokens_per_s', float('nan')):.0f} tok/s | tokens {int(metrics['train/tokens'])} "
+        f"({int(metrics['train/target_tokens_total'])} targets)"
+    )

@@ -34,8 +34,9 @@ from pretrain.train import engine as eng
 from pretrain.train.dist_env import DistEnv
 from pretrain.train.faults import FaultDrills, StopRequest
 from pretrain.train.metrics import SpikeDetector, Throughput, memory_gib
+from pretrain.train.sequence_parallel import data_parallel
 from pretrain.train.stages import choose_data_start, parent_to_start_from, start_from_parent, tokenizer_record
-from pretrain.train.tracking import RunTracker, wandb_run_id
+from pretrain.train.tracking import RunTracker, console_line, wandb_run_id
 
 log = get_logger(__name__)
 
@@ -79,8 +80,12 @@ class Trainer:
             cfg.optim.lr, cfg.optim.warmup_tokens, cfg.train.total_tokens, cfg.optim.min_lr_ratio
         )
         self.batch = cfg.batch_schedule()
+        # Batches count data-parallel ranks: a sequence-parallel group shares its sequences (sequence_parallel).
+        self.dp_rank, self.dp_size = data_parallel(
+            env.rank, env.world_size, cfg.deepspeed.sequence_parallel_size
+        )
         self.layouts = schedule_layouts(
-            self.batch.sizes(), self.seq_len, cfg.train.micro_batch_size, env.world_size
+            self.batch.sizes(), self.seq_len, cfg.train.micro_batch_size, self.dp_size
         )
         # 2. A stage's parent run, checked before anything costly (the data, then the engine).
         self.parent = parent_to_start_from(cfg, self.tok_info)
@@ -97,7 +102,7 @@ class Trainer:
         val_data = MixtureDataset.from_tokenizer(cfg.data, self.tok_info, split="val")
         self.val_sources = {name: val_data.for_source(name) for name in cfg.data.sources}
         self.loader = GlobalBatchLoader(
-            self.train_data, rank=env.rank, world_size=env.world_size, prefetch=cfg.train.prefetch_batches
+            self.train_data, rank=self.dp_rank, world_size=self.dp_size, prefetch=cfg.train.prefetch_batches
         )
         # 4. The engine: the model (the same init on every rank; ZeRO-3 keeps each rank's slice), AdamW, DeepSpeed.
         torch.manual_seed(cfg.train.seed)
@@ -143,11 +148,14 @@ class Trainer:
         self.engine.set_batch(layout)
         lr = self.lr(self.state.tokens + batch_tokens)
         self.engine.set_lr(lr)
-        # 2. This rank's rows; the target tokens of the whole global batch, counted across ranks (the loss is
-        #    normalised by them), with the attended (query, key) pairs in the same collective (for the MFU).
+        # 2. This rank's rows (with sequence parallelism, its slice of them); the target tokens of the whole global
+        #    batch, counted across ranks (the loss is normalised by them), with the attended (query, key) pairs in
+        #    the same collective (for the MFU; every rank of a sequence-parallel group holds a share).
         rank_batch = self.loader.next_batch(layout.sequences)
+        sp = self.engine.sequence_parallel
+        local_pairs = attended_pairs(rank_batch["document_ids"], self.cfg.model.sliding_window) / sp.size
+        rank_batch = sp.slice_batch(rank_batch)
         local_targets = float((rank_batch["labels"] != IGNORE_INDEX).sum())
-        local_pairs = attended_pairs(rank_batch["document_ids"], self.cfg.model.sliding_window)
         targets, pairs = collectives.all_reduce_sum([local_targets, local_pairs], self.engine.device)
         global_targets = int(targets)
         # 3. Forward and backward per micro-batch; ZeRO-3 reduces the gradients after the last one.
@@ -218,14 +226,15 @@ class Trainer:
         metrics: dict[str, float] = {}
         grand_total = grand_count = 0.0
         for name, dataset in self.val_sources.items():
-            per_rank = min(self.cfg.train.micro_batch_size, len(dataset) // self.env.world_size)
+            per_rank = min(self.cfg.train.micro_batch_size, len(dataset) // self.dp_size)
             if per_rank == 0:
                 continue
-            batch_seqs = per_rank * self.env.world_size
-            loader = GlobalBatchLoader(dataset, rank=self.env.rank, world_size=self.env.world_size)
+            batch_seqs = per_rank * self.dp_size
+            loader = GlobalBatchLoader(dataset, rank=self.dp_rank, world_size=self.dp_size)
             total = count = 0.0
             for _ in range(min(self.cfg.train.eval_batches, len(dataset) // batch_seqs)):
-                loss_sum, n = self.engine.eval_loss(loader.next_batch(batch_seqs))
+                batch = self.engine.sequence_parallel.slice_batch(loader.next_batch(batch_seqs))
+                loss_sum, n = self.engine.eval_loss(batch)
                 total += loss_sum
                 count += n
             total, count = collectives.all_reduce_sum([total, count], self.engine.device)
@@ -396,20 +405,7 @@ class Trainer:
     def _log(self, metrics: dict[str, float], step: int) -> None:
         if self.tracker is not None:
             self.tracker.log(metrics, step)
-            if "train/loss" in metrics:
-                log.info(
-                    "step %d | loss %.4f | lr %.2e | grad %.3f | batch %d | %.0f tok/s | tokens %d (%d targets)",
-                    step,
-                    metrics["train/loss"],
-                    metrics["train/lr"],
-                    metrics["train/grad_norm"],
-                    int(metrics["train/batch_tokens"]),
-                    metrics.get("perf/tokens_per_s", float("nan")),
-                    int(metrics["train/tokens"]),
-                    int(metrics["train/target_tokens_total"]),
-                )
-            else:
-                log.info("step %d | %s", step, " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            log.info("%s", console_line(metrics, step))
 
     def sample(self, prompt: str, max_new_tokens: int) -> str:
         """A short top-k sample from the trained model; every rank runs it (ZeRO-3 gathers the weights)."""

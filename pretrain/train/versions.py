@@ -86,7 +86,7 @@ def probe_inputs(rank: int, micro: int) -> torch.Tensor:
     return torch.arange(1, PROBE_WIDTH + 1, dtype=torch.float32) * (1 + micro + 2 * rank)
 
 
-def probe_ds_config(ds_config: dict[str, Any], world_size: int) -> dict[str, Any]:
+def probe_ds_config(ds_config: dict[str, Any], data_parallel_size: int) -> dict[str, Any]:
     """The run's DeepSpeed config (ZeRO stage, precision, gradient and communication dtypes, extra keys)
     resized to one sample per micro-batch and PROBE_ACCUMULATION micro-batches; without expert parallelism,
     which needs MoE layers the probe does not have (it measures the dense gradient path every parameter of
@@ -94,7 +94,7 @@ def probe_ds_config(ds_config: dict[str, Any], world_size: int) -> dict[str, Any
     config = copy.deepcopy(ds_config)
     config.pop("expert_parallel", None)
     config.update(
-        train_batch_size=PROBE_ACCUMULATION * world_size,
+        train_batch_size=PROBE_ACCUMULATION * data_parallel_size,
         train_micro_batch_size_per_gpu=1,
         gradient_accumulation_steps=PROBE_ACCUMULATION,
         zero_force_ds_cpu_optimizer=False,  # the probe never steps, so torch's SGD is fine under offload
@@ -102,10 +102,13 @@ def probe_ds_config(ds_config: dict[str, Any], world_size: int) -> dict[str, Any
     return config
 
 
-def measure_gradient_scale(ds_config: dict[str, Any], world_size: int) -> float:
+def measure_gradient_scale(ds_config: dict[str, Any], world_size: int, mpu: Any = None) -> float:
     """Run the probe through a DeepSpeed engine built from `ds_config` the way `pretrain.train.engine` runs a
     global batch (explicit boundary, loss scaled by world size, `scale_wrt_gas=False`) and return the
-    accumulated gradient over the hand-computed one (1.0 when DeepSpeed leaves our scale alone).
+    accumulated gradient over the hand-computed one (1.0 when DeepSpeed leaves our scale alone). With sequence
+    parallelism (`mpu`, DeepSpeed's groups) every rank's gradient is a part of the sum, as a slice's is, and
+    ZeRO-3's reduce-scatter still averages over every rank (its contiguous all-reduce path, taken with
+    `reduce_scatter: false`, would average over the data-parallel ranks only: the probe catches that).
 
     A collective: every rank must call it. The global RNG is left untouched so the model's
     initialisation is the same with or without the probe."""
@@ -114,13 +117,15 @@ def measure_gradient_scale(ds_config: dict[str, Any], world_size: int) -> float:
     from deepspeed.utils import safe_get_full_grad
 
     rank = dist.get_rank() if dist.is_initialized() else 0
+    data_parallel = world_size // int(ds_config.get("sequence_parallel_size", 1))
     with torch.random.fork_rng(devices=[]):
         module = _ScaleProbe(PROBE_WIDTH)
         optimizer = torch.optim.SGD(module.parameters(), lr=0.0)
         engine, *_ = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
-            config=probe_ds_config(ds_config, world_size),
+            config=probe_ds_config(ds_config, data_parallel),
+            mpu=mpu,
             dist_init_required=False,
         )
         try:
@@ -136,9 +141,10 @@ def measure_gradient_scale(ds_config: dict[str, Any], world_size: int) -> float:
     return float(got @ want) / float(want @ want)
 
 
-def check_gradient_scale(ds_config: dict[str, Any], world_size: int) -> None:
-    """Fail the start of a run whose DeepSpeed would scale our gradient by anything but 1."""
-    factor = measure_gradient_scale(ds_config, world_size)
+def check_gradient_scale(ds_config: dict[str, Any], world_size: int, mpu: Any = None) -> None:
+    """Fail the start of a run whose DeepSpeed would scale our gradient by anything but 1 (with sequence
+    parallelism, `mpu` holds DeepSpeed's groups)."""
+    factor = measure_gradient_scale(ds_config, world_size, mpu)
     # The probe is exact in bf16 and fp32; a scaling bug is a factor like 1/2 or the world size.
     if abs(factor - 1.0) > 1e-3:
         raise RuntimeError(
