@@ -14,7 +14,8 @@ Two parts, both in bytes:
   Adam); with `offload_param` the parameter shard does too.
 * Activations, from the tensors autograd saves in this model's layers (pre-norm RMSNorm in fp32, RoPE, GQA with
   a flash-style kernel that keeps no T x T matrix, SwiGLU), with and without per-layer recomputation, and the
-  chunked fp32 loss. The activation formulas are checked against a measured peak in tests/pretrain/planning/test_plan.py,
+  chunked fp32 loss, per rank of a DeepSpeed-Ulysses group (seq_len / SP tokens each) and with or without
+  TiledMLP. The activation formulas are checked against a measured peak in tests/pretrain/planning/test_plan.py,
   the whole estimate against the real trainer in benchmarks/plan_vs_measured.py.
 
 The result is what `torch.cuda.max_memory_allocated` would show; `pretrain.planning.plan` adds the CUDA context and
@@ -109,6 +110,36 @@ class ActivationMemory:
         return self.saved + self.backward_extra
 
 
+def tiled_mlp_shards(micro_batch: int, local_tokens: int, dim: int) -> int:
+    """Slices TiledMLP cuts one rank's tokens into: ceil(tokens / dim), so a slice is about `dim` tokens and its
+    [slice, ffn] intermediates stay the size of a weight matrix whatever the sequence."""
+    return max(1, math.ceil(micro_batch * local_tokens / dim))
+
+
+def sequence_parallel_degrees(model: ModelConfig, seq_len: int, largest: int = 64) -> list[int]:
+    """The DeepSpeed-Ulysses degrees 1, 2, 4, ... `largest` that `deepspeed.sequence_parallel_size` accepts:
+    dividing model.n_heads and seq_len, and dividing model.kv_heads or a multiple of it."""
+    heads, kv = model.n_heads, model.kv_heads
+    sizes = (1 << i for i in range(largest.bit_length()))
+    return [sp for sp in sizes if heads % sp == 0 and seq_len % sp == 0 and (kv % sp == 0 or sp % kv == 0)]
+
+
+def all_to_all_bytes(
+    model: ModelConfig, micro_batch: int, seq_len: int, sequence_parallel: int, precision: str = "bf16"
+) -> int:
+    """Bytes one rank sends in one layer's two Ulysses all-to-alls (q, k, v in, the attention output back).
+
+    Each rank holds seq_len / SP tokens of q and of the output (all heads) and of k, v with max(kv_heads, SP)
+    heads (kv heads are replicated first when SP exceeds them, so every rank receives one); it keeps 1 / SP of
+    each and sends the rest, in the training dtype. 0 without sequence parallelism."""
+    sp, act = sequence_parallel, BF16 if precision == "bf16" else FP32
+    if sp <= 1:
+        return 0
+    tokens = micro_batch * seq_len // sp
+    heads = 2 * model.n_heads + 2 * max(model.kv_heads, sp)  # q + output, k + v
+    return (sp - 1) * act * tokens * heads * model.head_dim // sp
+
+
 def activation_memory(
     model: ModelConfig,
     micro_batch: int,
@@ -116,6 +147,8 @@ def activation_memory(
     checkpoint_every: int,
     dense_mask: bool,
     precision: str = "bf16",
+    sequence_parallel: int = 1,
+    tiled_mlp: bool = False,
 ) -> ActivationMemory:
     """Saved activations and backward peak; `checkpoint_every` 0 = no recomputation, n = every n-th layer.
 
@@ -129,19 +162,33 @@ def activation_memory(
     A sliding window changes no term: the attention kernels keep O(T) per layer (outputs and log-sum-exp, never
     the scores) whatever the window, and the boolean mask of the SDPA path is [B, 1, T, T] with or without one;
     the window shows in the FLOPs (`pretrain.model.flops.causal_pairs`) instead.
+
+    `sequence_parallel` (DeepSpeed-Ulysses, SP ranks per sequence): a rank holds t/SP tokens, so every per-token
+    term above uses t/SP. The attention kernel's q, output and log-sum-exp hold t x heads/SP after the
+    all-to-all, the same elements as t/SP x heads; k and v hold t x max(kv_heads/SP, 1) heads (one replicated
+    head when SP > kv_heads). The dense SDPA mask stays b*t*t: each rank builds it for the whole sequence. In
+    backward the all-to-all's receive buffers for dq, dk, dv (the size of q, k, v) come on top of the
+    recomputed layer (forward's come when less is saved, at no peak).
+    `tiled_mlp` (DeepSpeed's TiledMLP): the SwiGLU runs under no_grad over `tiled_mlp_shards` slices and saves
+    only its input (the norm output, already counted), so a layer saves no b*t*ffn term; its backward holds
+    one slice's four intermediates and their two gradients (6 x 2 bytes per slice*ffn) plus the input's
+    gradient (b*t*h), built slice by slice.
     """
     act = BF16 if precision == "bf16" else FP32  # bytes of an activation stored in the training dtype
-    b, t, h, v = micro_batch, seq_len, model.dim, model.vocab_size
+    sp = max(1, sequence_parallel)
+    b, t, h, v = micro_batch, seq_len // sp, model.dim, model.vocab_size  # t: this rank's tokens
     bth, btf = b * t * h, b * t * model.ffn_dim
-    kv_ratio = model.kv_heads / model.n_heads
+    kv_ratio = max(model.kv_heads, sp) / model.n_heads  # k, v per q head as the kernel holds them
     norms = 2 * (FP32 + act + act) * bth
     attention = (3 * act + 2 * act * kv_ratio) * bth + FP32 * b * model.n_heads * t  # + log-sum-exp
-    layer_full = int(norms + attention + 4 * act * btf)
+    swiglu = 0 if tiled_mlp else 4 * act * btf
+    layer_full = int(norms + attention + swiglu)
     layers = model.n_layers
     moe_layers = sum(model.moe.is_moe_layer(i) for i in range(layers))
     if moe_layers:
         # An MoE layer's SwiGLU runs top_k experts of width expert_ffn_dim per token, on routed copies of the
         # tokens (gathered input, expert output, weighted output), after fp32 router logits and probabilities.
+        # TiledMLP wraps the dense SwiGLU only: expert layers keep their intermediates.
         k = model.moe.top_k
         moe_full = int(
             norms
@@ -160,7 +207,8 @@ def activation_memory(
 
     checkpointed = 0 if checkpoint_every <= 0 else math.ceil(layers / checkpoint_every)
     rope_tables = 2 * FP32 * b * t * model.head_dim
-    mask = b * t * t if dense_mask else 0  # the boolean [B, 1, T, T] document mask of the SDPA path
+    # The boolean [B, 1, T, T] document mask of the SDPA path, over the whole sequence even with SP.
+    mask = b * seq_len * seq_len if dense_mask else 0
     final_norm = (FP32 + act + act) * bth
     rows = b * t
     chunk = model.loss_chunk_size
@@ -179,8 +227,19 @@ def activation_memory(
         + loss_saved
     )
     # Backward of a recomputed layer holds its activations; without recomputation the SwiGLU gradients
-    # (two b*t*ffn tensors) are the largest transient.
-    layer_backward = backward_full if checkpointed else 2 * act * btf
+    # (two b*t*ffn tensors) are the largest transient, or with TiledMLP one slice's and the input gradient.
+    if tiled_mlp and not moe_layers:
+        rows_per_slice = math.ceil(rows / tiled_mlp_shards(b, t, h))
+        mlp_backward = 6 * act * rows_per_slice * model.ffn_dim + act * bth
+    else:
+        mlp_backward = 2 * act * btf
+    # The all-to-all's receive buffers for dq, dk, dv (this rank's t/SP tokens, all heads) in attention's backward.
+    all_to_all = act * b * t * model.head_dim * (model.n_heads + 2 * max(model.kv_heads, sp)) if sp > 1 else 0
+    if checkpointed:
+        tiled = mlp_backward if tiled_mlp and not moe_layers else 0  # the SwiGLU's own, not in backward_full
+        layer_backward = backward_full + max(all_to_all, tiled)
+    else:
+        layer_backward = max(mlp_backward, all_to_all)
     return ActivationMemory(
         layer_full=layer_full,
         layer_checkpointed=layer_checkpointed,
@@ -253,7 +312,11 @@ def zero3_memory(
     precision: str = "bf16",
 ) -> MemoryEstimate:
     """Peak bytes per rank for one ZeRO stage-3 configuration (stages 0-2 with the same per-byte model), training
-    in `precision` ("bf16" or "fp32", as resolved from `deepspeed.precision`)."""
+    in `precision` ("bf16" or "fp32", as resolved from `deepspeed.precision`).
+
+    `world` is every rank: ZeRO-3 shards the state over data x sequence parallel ranks alike. `micro_batch`
+    counts sequences per data-parallel rank; with `deepspeed.sequence_parallel_size` each rank of a sequence
+    parallel group holds seq_len / SP tokens of them (`activation_memory`)."""
     stage, total = ds.zero_stage, inventory.total
     pbytes = BF16 if precision == "bf16" else FP32
     gbytes = BF16 if precision == "bf16" and ds.gradient_dtype == "bf16" else FP32
@@ -295,6 +358,8 @@ def zero3_memory(
         ds.checkpoint_every_n_layers if strategy.checkpointing else 0,
         dense_mask=device != "cuda" or model.attention == "sdpa",
         precision=precision,
+        sequence_parallel=ds.sequence_parallel_size,
+        tiled_mlp=ds.tiled_mlp,
     )
     est.activations = acts
     gathered = flat = 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from data.cli import CONF_DIR, compose_conf, to_config
 from pretrain.batching import schedule_layouts
 from pretrain.config import ConfigError, PretrainConfig, register_configs, typed_pretrain_config
 from pretrain.model.flops import count_active_parameters, count_parameters, flops_per_token
+from pretrain.planning import memory_model as mm
 from pretrain.planning.hardware import PEAK_BF16_TFLOPS
 from pretrain.planning.memory_model import GIB, MemoryEstimate, ParamInventory, Strategy, zero3_memory
 from pretrain.planning.plan_table import render_table
@@ -36,6 +37,12 @@ CUDA_RESERVED_GIB = 1.5
 ALLOCATOR_HEADROOM = 0.10
 # Host memory of one rank besides offloaded state: Python, torch, CUDA host libraries, DeepSpeed, data loader.
 HOST_PER_RANK_GIB = 4.0
+# Assumed all-to-all bandwidth per GPU (bytes sent per second) for DeepSpeed-Ulysses, not measured here: within
+# a node over NVLink (H100 SXM: 900 GB/s NVLink in all, about a third of it achieved by an all-to-all), and across
+# nodes through one 400 Gb/s NIC per GPU. A group that spans nodes is bounded by its slowest link, the NIC.
+ALL_TO_ALL_NVLINK_BYTES_PER_S = 300e9
+ALL_TO_ALL_NETWORK_BYTES_PER_S = 50e9
+ALL_TO_ALL_ASSUMPTION = "300 GB/s per GPU in a node (NVLink), 50 GB/s across nodes (a 400 Gb/s NIC per GPU)"
 
 
 @dataclass(frozen=True)
@@ -162,14 +169,16 @@ def gpu_need_gib(allocated: int) -> float:
 
 
 def evaluate(
-    cfg: PlanConfig, inventory: ParamInventory, strategy: Strategy, world: int, micro_batch: int
+    cfg: PlanConfig, inventory: ParamInventory, strategy: Strategy, world: int, micro_batch: int, sp: int = 0
 ) -> Variant:
-    """Memory of `strategy` on `world` GPUs of the cluster's kind, and whether GPUs and hosts hold it."""
+    """Memory of `strategy` on `world` GPUs of the cluster's kind, and whether GPUs and hosts hold it;
+    `sp` > 0 replaces `deepspeed.sequence_parallel_size`."""
     precision = "fp32" if cfg.deepspeed.precision == "fp32" else "bf16"  # "auto" is bf16 on a GPU
+    ds = replace(cfg.deepspeed, sequence_parallel_size=sp) if sp else cfg.deepspeed
     est = zero3_memory(
         inventory,
         cfg.model,
-        cfg.deepspeed,
+        ds,
         world,
         micro_batch,
         cfg.data.packing.seq_len,
@@ -220,12 +229,21 @@ def build_plan(cfg: PlanConfig) -> dict[str, Any]:
     cluster_flops = world * cluster.peak * 1e12 * cluster.mfu
     seconds = total_flops / cluster_flops
     batch = cfg.batch_schedule()
+    sp = cfg.deepspeed.sequence_parallel_size
+    data_parallel = max(1, world // sp)
 
     warnings: list[str] = []
+    if world % sp:
+        warnings.append(
+            f"deepspeed.sequence_parallel_size={sp} does not divide the {world} GPUs of the cluster"
+        )
     try:
-        schedule_layouts(batch.sizes(), seq_len, train.micro_batch_size, world)
+        schedule_layouts(batch.sizes(), seq_len, train.micro_batch_size, data_parallel)
     except ConfigError as err:
-        warnings.append(f"batch on {world} GPUs: {err}")
+        ranks = (
+            f"{data_parallel} data-parallel ranks of sequence parallel {sp}" if sp > 1 else f"{world} GPUs"
+        )
+        warnings.append(f"batch on {ranks}: {err}")
     if cfg.deepspeed.expert_parallel_size:
         warnings.append(
             f"deepspeed.expert_parallel_size={cfg.deepspeed.expert_parallel_size} is not modelled: the memory "
@@ -271,9 +289,10 @@ def build_plan(cfg: PlanConfig) -> dict[str, Any]:
             "peak_tflops": cluster.peak,
             "gpu_memory_gib": cluster.memory_gib,
             "micro_batch_size": train.micro_batch_size,
-            "grad_accumulation_final": train.global_batch_tokens
-            // max(1, seq_len * train.micro_batch_size * world),
+            "data_parallel_size": data_parallel,
+            "grad_accumulation_final": _accumulation(cfg, data_parallel),
         },
+        "sequence_parallel": sequence_parallel_traffic(cfg, sp, world),
         "memory": [_variant_dict(v, configured=i == 0) for i, v in enumerate(variants)],
         "zero_stage": cfg.deepspeed.zero_stage,
         "host_per_rank_gib": HOST_PER_RANK_GIB,
@@ -287,31 +306,77 @@ def build_plan(cfg: PlanConfig) -> dict[str, Any]:
 MAX_GPUS = 4096
 
 
-def scaling(cfg: PlanConfig, inventory: ParamInventory, strategies: list[Strategy]) -> dict[str, Any]:
-    """How many GPUs of the cluster's kind each strategy needs at this sequence length (powers of two), and
-    whether one sequence's activations outgrow a GPU at any count: ZeRO shards the model state over the
-    GPUs but not the activations, which past that point need DeepSpeed-Ulysses sequence parallelism."""
+def _accumulation(cfg: PlanConfig, data_parallel: int) -> int:
+    """Micro-batches per rank in one optimizer step at the final global batch."""
+    per_step = cfg.data.packing.seq_len * cfg.train.micro_batch_size * data_parallel
+    return max(1, cfg.train.global_batch_tokens // max(1, per_step))
+
+
+def sequence_parallel_traffic(cfg: PlanConfig, sp: int, world: int) -> dict[str, Any]:
+    """Ulysses all-to-all bytes one GPU sends per optimizer step, and their time at the assumed bandwidth.
+
+    Per layer and micro-batch: the q, k, v and output exchange (`all_to_all_bytes`), once in forward and once in
+    backward, and once more in the forward that activation checkpointing repeats (checkpointed layers only);
+    times the micro-batches of the final global batch on `world / sp` data-parallel ranks."""
+    model, ds = cfg.model, cfg.deepspeed
+    precision = "fp32" if ds.precision == "fp32" else "bf16"
+    recomputed = -(-model.n_layers // ds.checkpoint_every_n_layers) if ds.activation_checkpointing else 0
+    layer = mm.all_to_all_bytes(model, cfg.train.micro_batch_size, cfg.data.packing.seq_len, sp, precision)
+    per_step = layer * (2 * model.n_layers + recomputed) * _accumulation(cfg, max(1, world // sp))
+    spans_nodes = sp > cfg.cluster.gpus_per_node
+    bandwidth = ALL_TO_ALL_NETWORK_BYTES_PER_S if spans_nodes else ALL_TO_ALL_NVLINK_BYTES_PER_S
+    return {
+        "degree": sp,
+        "spans_nodes": spans_nodes,
+        "all_to_all_bytes_per_step_per_gpu": per_step,
+        "assumed_bytes_per_second": bandwidth,
+        "all_to_all_seconds_per_step": per_step / bandwidth,
+        "assumption": ALL_TO_ALL_ASSUMPTION,
+    }
+
+
+def _min_gpus(cfg: PlanConfig, inventory: ParamInventory, strategy: Strategy, sp: int) -> int | None:
+    """The fewest GPUs (sp times a power of two) on which `strategy` fits each GPU at sequence parallel `sp`."""
+    counts = (sp << i for i in range((MAX_GPUS // sp).bit_length()))
     micro = cfg.train.micro_batch_size
-    needs = {}
-    for strategy in strategies:
-        world = 1
-        while world <= MAX_GPUS and not evaluate(cfg, inventory, strategy, world, micro).fits_gpu:
-            world *= 2
-        needs[strategy.label] = world if world <= MAX_GPUS else None
-    # At the largest count the state is nearly gone: what is left is (mostly) one micro-batch's activations.
-    floor = evaluate(cfg, inventory, strategies[0], MAX_GPUS, 1)
-    acts = floor.estimate.activations
-    activations_gib = acts.peak / GIB if acts is not None else 0.0
-    degree = 1
-    while degree <= 64 and gpu_need_gib(floor.estimate.gpu_peak - int(acts.peak * (1 - 1 / degree))) > (
-        cfg.cluster.memory_gib
-    ):
-        degree *= 2
+    return next((n for n in counts if evaluate(cfg, inventory, strategy, n, micro, sp).fits_gpu), None)
+
+
+def scaling(cfg: PlanConfig, inventory: ParamInventory, strategies: list[Strategy]) -> dict[str, Any]:
+    """How many GPUs of the cluster's kind each strategy needs at this sequence length (powers of two), and, for
+    the configured strategy, at each DeepSpeed-Ulysses degree. ZeRO-3 shards the model state over all GPUs but
+    not a sequence's activations; sequence parallelism splits those over its SP ranks (`activation_memory`),
+    at the price of the all-to-alls (`sequence_parallel_traffic`)."""
+    micro, sp_now = cfg.train.micro_batch_size, cfg.deepspeed.sequence_parallel_size
+    needs = {s.label: _min_gpus(cfg, inventory, s, sp_now) for s in strategies}
+    # At micro-batch 1 and no sequence parallelism: one whole sequence's activations on one GPU.
+    acts = evaluate(cfg, inventory, strategies[0], MAX_GPUS, 1, 1).estimate.activations
+    degrees = []
+    for sp in mm.sequence_parallel_degrees(cfg.model, cfg.data.packing.seq_len):
+        gpus = _min_gpus(cfg, inventory, strategies[0], sp)
+        at = evaluate(cfg, inventory, strategies[0], gpus or MAX_GPUS, micro, sp)
+        peak = at.estimate.activations.peak if at.estimate.activations else 0
+        entry = {
+            "degree": sp,
+            "min_gpus": gpus,
+            "fits_one_node": bool(gpus and gpus <= cfg.cluster.gpus_per_node),
+        }
+        entry |= {"activations_gib": peak / GIB, "gpu_need_gib": at.gpu_need_gib}
+        degrees.append(entry | (sequence_parallel_traffic(cfg, sp, gpus) if gpus else {}))
+    fitting = [d for d in degrees if d["min_gpus"] is not None]
+    smallest = fitting[0] if fitting else None
+    one_node = next((d for d in fitting if d["fits_one_node"]), None)
     return {
         "seq_len": cfg.data.packing.seq_len,
+        "strategy": strategies[0].label,
         "min_gpus": needs,
-        "activations_gib_at_micro_batch_1": activations_gib,
-        "sequence_parallel_degree": degree if degree <= 64 else None,
+        "activations_gib_at_micro_batch_1": acts.peak / GIB if acts is not None else 0.0,
+        # The smallest degree that fits at any GPU count, the GPUs it needs, and whether they are one node.
+        "sequence_parallel_degree": smallest["degree"] if smallest else None,
+        "sequence_parallel_gpus": smallest["min_gpus"] if smallest else None,
+        "sequence_parallel_fits_one_node": bool(smallest and smallest["fits_one_node"]),
+        "sequence_parallel_degree_one_node": one_node["degree"] if one_node else None,
+        "sequence_parallel": degrees,
     }
 
 
@@ -334,7 +399,8 @@ def _variant_dict(v: Variant, configured: bool) -> dict[str, Any]:
 
 
 def _suggestions(cfg: PlanConfig, inventory: ParamInventory, variants: list[Variant]) -> list[str]:
-    """Ways to make the configured run fit: another strategy, a smaller micro-batch, more nodes."""
+    """Ways to make the configured run fit: another strategy, a smaller micro-batch, sequence parallelism (over
+    the cluster's GPUs), more nodes."""
     cluster, chosen = cfg.cluster, variants[0]
     out = [
         f"{v.estimate.strategy.label}: {v.gpu_need_gib:.1f} GiB per GPU, {v.cpu_per_node_gib:.0f} GiB host "
@@ -349,6 +415,15 @@ def _suggestions(cfg: PlanConfig, inventory: ParamInventory, variants: list[Vari
             out.append(f"a smaller micro-batch: train.micro_batch_size={micro}")
             break
         micro //= 2
+    sp, micro = cfg.deepspeed.sequence_parallel_size, cfg.train.micro_batch_size
+    for degree in mm.sequence_parallel_degrees(cfg.model, cfg.data.packing.seq_len):
+        if (
+            degree > sp
+            and world % degree == 0
+            and evaluate(cfg, inventory, strategy, world, micro, degree).fits
+        ):
+            out.append(f"sequence parallelism (DeepSpeed-Ulysses): deepspeed.sequence_parallel_size={degree}")
+            break
     nodes = cluster.nodes * 2
     while nodes <= 4096:
         if evaluate(cfg, inventory, strategy, nodes * cluster.gpus_per_node, cfg.train.micro_batch_size).fits:

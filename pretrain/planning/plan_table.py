@@ -15,6 +15,37 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
+def _sequence_parallel(plan: dict[str, Any], sc: dict[str, Any]) -> list[str]:
+    """The DeepSpeed-Ulysses lines: the configured degree's traffic, and the GPUs each degree needs."""
+    sp, lines = plan["sequence_parallel"], []
+    if sp["degree"] > 1:
+        where = "across nodes" if sp["spans_nodes"] else "within a node"
+        lines.append(
+            f"  sequence parallel {sp['degree']} (DeepSpeed-Ulysses; data-parallel size "
+            f"{plan['cluster']['data_parallel_size']}): {sp['all_to_all_bytes_per_step_per_gpu'] / GIB:.1f} GiB "
+            f"of all-to-all per GPU per step, {_duration(sp['all_to_all_seconds_per_step'])} at an assumed "
+            f"{sp['assumed_bytes_per_second'] / 1e9:.0f} GB/s ({where})"
+        )
+    if sc["sequence_parallel_degree"] != 1:
+        lines.append(
+            f"  one sequence's activations ({sc['activations_gib_at_micro_batch_1']:.1f} GiB at micro-batch 1) "
+            "outgrow a GPU at any count without sequence parallelism"
+        )
+    lines += [
+        f"  by DeepSpeed-Ulysses degree ({sc['strategy']}); all-to-all sent per GPU per optimizer step, its time",
+        f"  at an assumed {sp['assumption']}:",
+        f"    {'SP':>4}{'GPUs':>8}  one node{'activations':>13}{'need':>9}{'all-to-all':>12}{'time':>11}",
+    ]
+    for d in sc["sequence_parallel"]:
+        gpus, fits = d["min_gpus"], "yes" if d["fits_one_node"] else "no"
+        row = f"    {d['degree']:>4}{gpus or '> 4096':>8}  {fits:<8}{d['activations_gib']:>11.1f}Gi"
+        if gpus:
+            row += f"{d['gpu_need_gib']:>7.1f}Gi{d['all_to_all_bytes_per_step_per_gpu'] / GIB:>10.1f}Gi"
+            row += f"{_duration(d['all_to_all_seconds_per_step']):>11}"
+        lines.append(row)
+    return lines
+
+
 def render_table(plan: dict[str, Any]) -> str:
     """The plan as text for a terminal."""
     m, c, cl = plan["model"], plan["compute"], plan["cluster"]
@@ -66,13 +97,8 @@ def render_table(plan: dict[str, Any]) -> str:
     ]
     for label, gpus in sc["min_gpus"].items():
         lines.append(f"  {label:<48}{'more than 4096' if gpus is None else gpus:>8}")
-    degree = sc["sequence_parallel_degree"]
-    if degree != 1:
-        need = "more than 64" if degree is None else str(degree)
-        lines.append(
-            f"  one sequence's activations ({sc['activations_gib_at_micro_batch_1']:.1f} GiB at micro-batch 1) "
-            f"outgrow a GPU at any count: DeepSpeed-Ulysses sequence parallelism over {need} GPUs is needed"
-        )
+    if sc["sequence_parallel_degree"] != 1 or plan["sequence_parallel"]["degree"] > 1:
+        lines += _sequence_parallel(plan, sc)
     lines.append("")
     lines += [f"WARNING: {w}" for w in plan["warnings"]]
     if plan["suggestions"]:

@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 
 from data.config import ConfigError
 from pretrain.config import ModelConfig
-from pretrain.planning.memory_model import ParamInventory, Strategy, activation_memory, zero3_memory
+from pretrain.planning.memory_model import (
+    ParamInventory,
+    Strategy,
+    activation_memory,
+    all_to_all_bytes,
+    zero3_memory,
+)
 from pretrain.planning.plan import GIB, build_plan, compose_plan_config, gpu_need_gib
 from tests.helpers import ROOT
 
@@ -280,3 +286,118 @@ def test_a_module_larger_than_max_live_parameters_is_still_gathered_whole():
     assert inventory.largest_module == experts > cfg.deepspeed.stage3_max_live_parameters
     estimate = zero3_memory(inventory, cfg.model, cfg.deepspeed, 8, 1, 8192, Strategy())
     assert estimate.phases["forward"]["gathered parameters"] >= 2 * experts
+
+
+# -- sequence parallelism (DeepSpeed-Ulysses) and TiledMLP -----------------------------------------------------
+
+
+def test_sequence_parallel_splits_every_per_token_term():
+    """Each of SP ranks holds t/SP tokens; the attention tensors after the all-to-all (t x heads/SP) hold as many
+    elements; the dense mask stays b*t*t; backward adds the all-to-all's receive buffers for dq, dk, dv."""
+    model = replace(SMALL, n_layers=4, loss_chunk_size=64)
+    b, t, hd = 2, 1024, SMALL.head_dim
+    one, two = (activation_memory(model, b, t, 1, dense_mask=False, sequence_parallel=sp) for sp in (1, 2))
+    assert 2 * two.layer_full == one.layer_full and 2 * two.layer_checkpointed == one.layer_checkpointed
+    assert 2 * two.saved == one.saved  # inputs, final norm, RoPE tables (the chunked loss keeps nothing)
+    receive = 2 * b * (t // 2) * hd * (8 + 2 * 4)  # bf16 dq + dk + dv on this rank's t/2 tokens
+    assert two.backward_extra == one.layer_full // 2 + receive
+    assert one.backward_extra == one.layer_full
+    masked = activation_memory(model, b, t, 1, dense_mask=True, sequence_parallel=2)
+    assert masked.saved - two.saved == b * t * t  # each rank builds the whole sequence's mask
+
+
+def test_sequence_parallel_beyond_kv_heads_replicates_them():
+    """SP=4 over 2 kv heads: each rank receives one replicated kv head for the whole sequence, as 4 kv heads
+    would give it, so k and v cost more than 2/4 of a kv head per rank."""
+    narrow, wide = replace(SMALL, n_kv_heads=2), replace(SMALL, n_kv_heads=4)
+    at = {
+        m.kv_heads: activation_memory(m, 1, 512, 0, dense_mask=False, sequence_parallel=4)
+        for m in (narrow, wide)
+    }
+    assert at[2].layer_full == at[4].layer_full
+    assert 4 * at[2].layer_full > activation_memory(narrow, 1, 512, 0, dense_mask=False).layer_full
+
+
+def test_tiled_mlp_saves_no_swiglu_intermediates():
+    model = replace(SMALL, n_layers=4, loss_chunk_size=64)
+    b, t, h, f = 2, 1024, SMALL.dim, SMALL.ffn_dim
+    plain, tiled = (activation_memory(model, b, t, 0, dense_mask=False, tiled_mlp=x) for x in (False, True))
+    swiglu = 4 * 2 * b * t * f  # gate, silu(gate), up, product in bf16
+    assert plain.layer_full - tiled.layer_full == swiglu
+    assert plain.saved - tiled.saved == 4 * swiglu
+    # backward: one slice of ceil(b*t / dim) slices, its four intermediates and two gradients, plus dx
+    rows = -(-b * t // -(-b * t // h))
+    assert tiled.backward_extra == 6 * 2 * rows * f + 2 * b * t * h < plain.backward_extra
+    # with recomputation a layer keeps only its input either way; backward recomputes a smaller layer
+    ckpt = [activation_memory(model, b, t, 1, dense_mask=False, tiled_mlp=x) for x in (False, True)]
+    assert ckpt[0].saved == ckpt[1].saved and ckpt[1].peak < ckpt[0].peak
+
+
+def test_all_to_all_bytes_by_hand():
+    # SP=2, 8 heads, 4 kv heads, head_dim 32, 2 x 1024 tokens: each rank holds 1024 tokens, sends half
+    assert all_to_all_bytes(SMALL, 2, 1024, 2) == 1024 * 32 * (8 + 8 + 4 + 4) * 2 // 2
+    # SP=8 > 4 kv heads: k and v go out as 8 replicated heads; fp32 doubles it; SP=1 sends nothing
+    assert all_to_all_bytes(SMALL, 2, 1024, 8) == 7 * 256 * 32 * (8 + 8 + 8 + 8) * 2 // 8
+    assert all_to_all_bytes(SMALL, 2, 1024, 8, "fp32") == 2 * all_to_all_bytes(SMALL, 2, 1024, 8)
+    assert all_to_all_bytes(SMALL, 2, 1024, 1) == 0
+
+
+LONG = ["+experiment=7b_long", "data.packing.seq_len=262144", "model.max_seq_len=262144"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "passes", "bandwidth"),
+    [
+        ([], 3 * 32, 300e9),  # forward, backward and the recomputed forward of 32 layers, over NVLink
+        (["deepspeed.activation_checkpointing=false"], 2 * 32, 300e9),
+        (["cluster.gpus_per_node=4", "cluster.nodes=2"], 3 * 32, 50e9),  # 8 ranks over 2 nodes: the NIC
+    ],
+)
+def test_all_to_all_per_step_by_hand(extra, passes, bandwidth):
+    plan = build_plan(compose_plan_config([*LONG, "deepspeed.sequence_parallel_size=8", *extra]))
+    # 7B: 32 heads of 128 (q, k, v, output), 262144 / 8 tokens per rank in bf16, 7/8 of it sent; 16 sequences
+    # per step on one data-parallel rank = 16 micro-batches
+    per_layer = 7 * 2 * (262144 // 8) * 128 * (4 * 32) // 8
+    sp = plan["sequence_parallel"]
+    assert plan["cluster"]["data_parallel_size"] == 1 and plan["cluster"]["grad_accumulation_final"] == 16
+    assert sp["all_to_all_bytes_per_step_per_gpu"] == per_layer * passes * 16
+    assert sp["all_to_all_seconds_per_step"] == pytest.approx(per_layer * passes * 16 / bandwidth)
+    assert not any("batch" in w or "sequence_parallel" in w for w in plan["warnings"])
+
+
+def test_sequence_parallel_state_stays_sharded_over_the_whole_world(inventory_7b, cfg_7b):
+    sp = replace(cfg_7b.deepspeed, sequence_parallel_size=8)
+    plain = zero3_memory(inventory_7b, cfg_7b.model, cfg_7b.deepspeed, 8, 1, 4096, Strategy())
+    split = zero3_memory(inventory_7b, cfg_7b.model, sp, 8, 1, 4096, Strategy())
+    assert split.resident == plain.resident
+    assert split.activations.layer_checkpointed * 8 == plain.activations.layer_checkpointed
+
+
+def test_batch_layout_counts_data_parallel_ranks():
+    """16 sequences of 262144 per step: on 32 GPUs as 32 data-parallel ranks they do not divide, as 4 groups of
+    SP=8 they do; an SP that does not divide the world is named."""
+    base = [*LONG, "cluster.nodes=4"]
+    assert any("batch on 32 GPUs" in w for w in build_plan(compose_plan_config(base))["warnings"])
+    plan = build_plan(compose_plan_config([*base, "deepspeed.sequence_parallel_size=8"]))
+    assert not any("batch" in w for w in plan["warnings"]) and plan["cluster"]["grad_accumulation_final"] == 4
+    odd = build_plan(
+        compose_plan_config([*LONG, "cluster.gpus_per_node=4", "deepspeed.sequence_parallel_size=8"])
+    )
+    assert any("deepspeed.sequence_parallel_size=8 does not divide" in w for w in odd["warnings"])
+
+
+def test_scaling_picks_sequence_parallelism_only_when_a_sequence_outgrows_a_gpu():
+    short = plan_for("h100", 8)["scaling"]
+    assert short["sequence_parallel_degree"] == 1 and short["sequence_parallel_fits_one_node"]
+    long = build_plan(compose_plan_config([*LONG, "cluster.gpu=h100"]))
+    sc = long["scaling"]
+    assert (
+        sc["sequence_parallel_degree"] > 1
+        and sc["sequence_parallel_gpus"] % sc["sequence_parallel_degree"] == 0
+    )
+    by_degree = {d["degree"]: d for d in sc["sequence_parallel"]}
+    assert set(by_degree) == {1, 2, 4, 8, 16, 32}  # 64 does not divide the 32 heads
+    assert by_degree[1]["min_gpus"] is None and by_degree[8]["fits_one_node"]
+    # activations per GPU halve with each doubling of the degree (plus the all-to-all buffers)
+    assert by_degree[4]["activations_gib"] == pytest.approx(by_degree[8]["activations_gib"] * 2, rel=0.02)
+    assert any("deepspeed.sequence_parallel_size=" in s for s in long["suggestions"])
