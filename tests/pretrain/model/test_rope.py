@@ -252,7 +252,9 @@ def test_cached_decoding_past_the_window_matches_the_full_forward_with_yarn():
     cache = KVCache(cfg, batch=2)
     bounds = [0, WINDOW - 3, WINDOW + 5, *range(WINDOW + 6, WINDOW + 12), 3 * WINDOW]
     pieces = [model(ids[:, a:b], cache=cache) for a, b in itertools.pairwise(bounds)]
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+    # fp32 rounding of another summation order (the cached pieces against one causal pass): 1.4e-5 was seen on an
+    # Intel Xeon with AMX, below 1e-5 on an AMD EPYC; a position or scaling error is orders of magnitude larger.
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=5e-5)
 
 
 @pytest.mark.parametrize(
