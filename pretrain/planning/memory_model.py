@@ -110,10 +110,16 @@ class ActivationMemory:
         return self.saved + self.backward_extra
 
 
-def tiled_mlp_shards(micro_batch: int, local_tokens: int, dim: int) -> int:
-    """Slices TiledMLP cuts one rank's tokens into: ceil(tokens / dim), so a slice is about `dim` tokens and its
-    [slice, ffn] intermediates stay the size of a weight matrix whatever the sequence."""
-    return max(1, math.ceil(micro_batch * local_tokens / dim))
+def tiled_mlp_shards(micro_batch: int, local_tokens: int, dim: int, wanted: int = 0) -> int:
+    """Slices TiledMLP cuts one rank's tokens into (`deepspeed.tiled_mlp_shards`, the trainer's rule too): `wanted`,
+    or ceil(tokens / dim) so that a slice is about `dim` tokens and its [slice, ffn] intermediates stay the size
+    of a weight matrix whatever the sequence; raised to a divisor of the sequence length, because TiledMLP marks
+    the weights' gradients ready after its slice number `shards` and torch.chunk returns fewer, unequal pieces
+    when the length does not divide."""
+    shards = min(local_tokens, wanted or max(1, math.ceil(micro_batch * local_tokens / dim)))
+    while local_tokens % shards:
+        shards += 1
+    return shards
 
 
 def sequence_parallel_degrees(model: ModelConfig, seq_len: int, largest: int = 64) -> list[int]:

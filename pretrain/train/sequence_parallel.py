@@ -21,7 +21,6 @@ reduce-scatter averages the gradients over every rank, SP ranks included, as wit
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ from pretrain.model.transformer import (
     attention_mask,
     documents_from_positions,
 )
+from pretrain.planning.memory_model import tiled_mlp_shards
 
 log = get_logger(__name__)
 
@@ -168,27 +168,16 @@ class SequenceParallel:
         return self._mask
 
 
-def tile_count(length: int, dim: int, wanted: int = 0, rows: int = 1) -> int:
-    """TiledMLP's slices of `rows` sequences of `length`: `wanted`, or about rows x length / dim tokens (as ALST),
-    raised to a divisor of the length so that every slice is equal (TiledMLP marks the weights' gradients ready
-    after its last slice, which it expects to be slice number `shards`; torch.chunk returns fewer pieces when the
-    length does not divide)."""
-    shards = min(length, wanted or max(1, math.ceil(rows * length / dim)))
-    while length % shards:
-        shards += 1
-    return shards
-
-
 def attach_tiled_mlp(model: Transformer, shards: int = 0) -> int:
     """Run every dense SwiGLU through DeepSpeed's TiledMLP over `shards` slices of this rank's tokens (0: about
-    tokens / dim, `tile_count`): its forward keeps no [tokens, ffn] intermediate, its backward recomputes one
+    tokens / dim, `tiled_mlp_shards`): its forward keeps no [tokens, ffn] intermediate, its backward recomputes one
     slice at a time (ZeRO-3 told to take the weights' gradients after the last). Returns the MLPs tiled."""
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
     def tiled(mlp: FeedForward, x: torch.Tensor) -> torch.Tensor:
         params = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
         return TiledMLP.apply(
-            FeedForward.swiglu, mlp, x, tile_count(x.shape[-2], x.shape[-1], shards, x.shape[0]), params
+            FeedForward.swiglu, mlp, x, tiled_mlp_shards(x.shape[0], x.shape[-2], x.shape[-1], shards), params
         )
 
     tiled_count = 0

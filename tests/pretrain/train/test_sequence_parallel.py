@@ -19,7 +19,8 @@ from data.mixture import MixtureDataset
 from data.tokenizer import load_tokenizer
 from pretrain.config import ConfigError, compose_pretrain_config
 from pretrain.model.transformer import documents_from_positions
-from pretrain.train.sequence_parallel import data_parallel, slice_sequences, tile_count
+from pretrain.planning.memory_model import tiled_mlp_shards
+from pretrain.train.sequence_parallel import data_parallel, slice_sequences
 from tests.data.prepare_corpus import random_text, write_corpus
 from tests.helpers import read_metrics, run_pretrain
 
@@ -72,8 +73,9 @@ def test_a_batch_whose_documents_do_not_start_at_position_zero_is_refused():
 
 def test_groups_are_consecutive_ranks_and_batches_count_data_parallel_ranks():
     assert [data_parallel(r, 8, 4) for r in (0, 3, 4, 7)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
-    assert tile_count(32, 64) == 1 and tile_count(4096, 512) == 8 and tile_count(96, 64, wanted=5) == 6
-    assert tile_count(4096, 4096, rows=2) == 2  # TiledMLP's backward slices the micro-batch's rows x tokens
+    assert tiled_mlp_shards(1, 32, 64) == 1 and tiled_mlp_shards(1, 4096, 512) == 8
+    assert tiled_mlp_shards(1, 96, 64, wanted=5) == 6  # raised to a divisor of the length
+    assert tiled_mlp_shards(2, 4096, 4096) == 2  # TiledMLP's backward slices the micro-batch's rows x tokens
 
 
 @pytest.mark.parametrize(
