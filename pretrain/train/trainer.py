@@ -226,7 +226,12 @@ class Trainer:
         metrics: dict[str, float] = {}
         grand_total = grand_count = 0.0
         for name, dataset in self.val_sources.items():
-            per_rank = min(self.cfg.train.micro_batch_size, len(dataset) // self.dp_size)
+            # micro x SP sequences a data-parallel rank (each SP rank holds micro x T tokens of them, as without
+            # SP): the same held-out sequences for any factorisation of the world.
+            per_rank = min(
+                self.cfg.train.micro_batch_size * self.engine.sequence_parallel.size,
+                len(dataset) // self.dp_size,
+            )
             if per_rank == 0:
                 continue
             batch_seqs = per_rank * self.dp_size
