@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+# Bitwise-repeatable CPU runs (exact resume): without it MKL's GEMMs may choose code paths by their operands'
+# memory alignment, which varies between runs with allocation timing (background batch prefetch, load). MKL
+# reads this at its first call, so it is set before torch is imported, in every rank; a user's setting wins.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import hydra
 from omegaconf import DictConfig

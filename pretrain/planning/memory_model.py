@@ -155,6 +155,7 @@ def activation_memory(
     precision: str = "bf16",
     sequence_parallel: int = 1,
     tiled_mlp: bool = False,
+    tiled_mlp_slices: int = 0,
 ) -> ActivationMemory:
     """Saved activations and backward peak; `checkpoint_every` 0 = no recomputation, n = every n-th layer.
 
@@ -235,7 +236,7 @@ def activation_memory(
     # Backward of a recomputed layer holds its activations; without recomputation the SwiGLU gradients
     # (two b*t*ffn tensors) are the largest transient, or with TiledMLP one slice's and the input gradient.
     if tiled_mlp and not moe_layers:
-        rows_per_slice = math.ceil(rows / tiled_mlp_shards(b, t, h))
+        rows_per_slice = math.ceil(rows / tiled_mlp_shards(b, t, h, tiled_mlp_slices))
         mlp_backward = 6 * act * rows_per_slice * model.ffn_dim + act * bth
     else:
         mlp_backward = 2 * act * btf
@@ -366,6 +367,7 @@ def zero3_memory(
         precision=precision,
         sequence_parallel=ds.sequence_parallel_size,
         tiled_mlp=ds.tiled_mlp,
+        tiled_mlp_slices=ds.tiled_mlp_shards,
     )
     est.activations = acts
     gathered = flat = 0

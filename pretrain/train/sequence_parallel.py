@@ -97,7 +97,9 @@ class SequenceParallel:
         self._ulysses: dict[
             int, Any
         ] = {}  # one UlyssesSPAttentionHF per micro-batch size (its shapes are fixed)
-        self._mask_key: torch.Tensor | None = None
+        self._slice_positions: torch.Tensor | None = (
+            None  # the batch whose mask `_mask` is (held, so never reused)
+        )
         self._mask: Any = None
 
     @property
@@ -121,6 +123,10 @@ class SequenceParallel:
         v: torch.Tensor,
         position_ids: torch.Tensor,
     ) -> torch.Tensor:
+        if (
+            position_ids is not self._slice_positions
+        ):  # a new forward (every layer and its recompute share one)
+            self._slice_positions, self._mask = position_ids, None
         out, _ = self._ulysses_for(q.shape[0])(module, q, k, v, None, position_ids=position_ids)
         return out  # [B, T / SP, H * d]
 
@@ -158,13 +164,12 @@ class SequenceParallel:
         return attend(q, k, v, mask).transpose(1, 2), None
 
     def _whole_mask(self, position_ids: torch.Tensor) -> Any:
-        """Our mask for the whole sequence, from its position ids; every layer of a forward (and its recompute)
-        gathers the same positions, so the mask is built once per batch."""
-        key = self._mask_key
-        if key is None or key.shape != position_ids.shape or not torch.equal(key, position_ids):
+        """Our mask for the whole sequence, from its gathered position ids: built at the first layer of a forward
+        and reused by the others and by activation checkpointing's recompute, which pass the same slice (keyed by
+        identity, so no device sync)."""
+        if self._mask is None:
             documents = documents_from_positions(position_ids)
             self._mask = attention_mask(self.cfg, position_ids.shape[1], documents, position_ids.device)
-            self._mask_key = position_ids.clone()
         return self._mask
 
 

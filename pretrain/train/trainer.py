@@ -226,22 +226,20 @@ class Trainer:
         metrics: dict[str, float] = {}
         grand_total = grand_count = 0.0
         for name, dataset in self.val_sources.items():
-            # micro x SP sequences a data-parallel rank (each SP rank holds micro x T tokens of them, as without
-            # SP): the same held-out sequences for any factorisation of the world.
-            per_rank = min(
-                self.cfg.train.micro_batch_size * self.engine.sequence_parallel.size,
-                len(dataset) // self.dp_size,
-            )
-            if per_rank == 0:
+            # The sequences of a world of plain data-parallel ranks, whatever the SP: each SP group reads SP ranks'
+            # share and feeds it in forwards of the same rows as without SP, each sliced like a training batch.
+            rows = min(self.cfg.train.micro_batch_size, len(dataset) // self.env.world_size)
+            if rows == 0:
                 continue
-            batch_seqs = per_rank * self.dp_size
+            sp = self.engine.sequence_parallel
+            batch_seqs = rows * sp.size * self.dp_size
             loader = GlobalBatchLoader(dataset, rank=self.dp_rank, world_size=self.dp_size)
             total = count = 0.0
             for _ in range(min(self.cfg.train.eval_batches, len(dataset) // batch_seqs)):
-                batch = self.engine.sequence_parallel.slice_batch(loader.next_batch(batch_seqs))
-                loss_sum, n = self.engine.eval_loss(batch)
-                total += loss_sum
-                count += n
+                for rows_batch in split_micro_batches(loader.next_batch(batch_seqs), rows):
+                    loss_sum, n = self.engine.eval_loss(sp.slice_batch(rows_batch))
+                    total += loss_sum
+                    count += n
             total, count = collectives.all_reduce_sum([total, count], self.engine.device)
             metrics.update(_loss_metrics(f"val/{name}", total, count))
             grand_total += total

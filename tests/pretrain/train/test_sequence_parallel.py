@@ -115,14 +115,15 @@ def train(root: Path, name: str, data: list[str], *overrides: str) -> list[dict]
 @pytest.fixture(scope="module")
 def full_runs(short_documents) -> dict[str, list[dict]]:
     """SP=1 and SP=2 with full attention (SP=2 also with TiledMLP in 4 slices under activation checkpointing),
-    and both with a sliding window of 16."""
+    and both with a sliding window of 16 and one KV head (which Ulysses replicates to both ranks)."""
     root, data = short_documents
     sp2 = ["deepspeed.sequence_parallel_size=2"]
+    window = ["model.sliding_window=16", "model.n_kv_heads=1"]
     return {
         "sp1": train(root, "sp1", data),
         "sp2": train(root, "sp2", data, *sp2, "deepspeed.tiled_mlp=true", "deepspeed.tiled_mlp_shards=4"),
-        "sp1_window": train(root, "sp1_window", data, "model.sliding_window=16"),
-        "sp2_window": train(root, "sp2_window", data, *sp2, "model.sliding_window=16"),
+        "sp1_window": train(root, "sp1_window", data, *window),
+        "sp2_window": train(root, "sp2_window", data, *sp2, *window),
     }
 
 
