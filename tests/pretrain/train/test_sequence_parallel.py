@@ -9,6 +9,7 @@ losses and gradient norms agree to rounding.
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from tests.data.prepare_corpus import random_text, write_corpus
 from tests.helpers import read_metrics, run_pretrain
 
 STEPS = 20
+SP2 = ("deepspeed.sequence_parallel_size=2",)
 TOKENS = STEPS * 512  # the debug batch schedule stays at 512 tokens (8 sequences) for 20 steps
 
 
@@ -117,7 +119,7 @@ def full_runs(short_documents) -> dict[str, list[dict]]:
     """SP=1 and SP=2 with full attention (SP=2 also with TiledMLP in 4 slices under activation checkpointing),
     and both with a sliding window of 16 and one KV head (which Ulysses replicates to both ranks)."""
     root, data = short_documents
-    sp2 = ["deepspeed.sequence_parallel_size=2"]
+    sp2 = list(SP2)
     window = ["model.sliding_window=16", "model.n_kv_heads=1"]
     return {
         "sp1": train(root, "sp1", data),
@@ -171,10 +173,15 @@ def test_the_window_changes_the_run_the_parity_compares(full_runs):
 
 @pytest.mark.slow
 def test_a_run_resumes_across_a_change_of_sequence_parallel_size(short_documents, full_runs):
-    """Stopped after 10 steps at SP=1, resumed at SP=2: the same steps 11-20 as the uninterrupted SP=1 run
-    (ZeRO-3 shards over all ranks either way; the data position counts samples, not ranks)."""
+    """The SP=1 run as a job would find it after losing everything past its step-10 checkpoint, resumed at SP=2:
+    the same steps 11-20 as the uninterrupted SP=1 run (ZeRO-3 shards over all ranks either way; the data
+    position counts samples, not ranks)."""
     root, data = short_documents
-    train(root, "resized", data, "train.stop_after_steps=10")
-    resumed = train(root, "resized", data, "deepspeed.sequence_parallel_size=2")
+    shutil.copytree(root / "runs" / "sp1", root / "runs" / "resized")
+    shutil.rmtree(root / "runs" / "resized" / "checkpoints" / "step_00000020")
+    result = run_pretrain(root / "artifacts", root / "runs", *data, "train.run_name=resized", *SP2)
+    assert "resumed from" in result.stderr and "trained 10 steps in this process" in result.stderr
+    assert "sequence parallelism: 1 groups of 2 ranks" in result.stderr
+    resumed = read_metrics(root / "runs" / "resized")
     assert [m["step"] for m in resumed if "train/loss" in m] == list(range(1, STEPS + 1))
     assert_same_steps(full_runs["sp1"], resumed, range(11, STEPS + 1))
