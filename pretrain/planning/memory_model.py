@@ -235,7 +235,8 @@ def activation_memory(
     )
     # Backward of a recomputed layer holds its activations; without recomputation the SwiGLU gradients
     # (two b*t*ffn tensors) are the largest transient, or with TiledMLP one slice's and the input gradient.
-    if tiled_mlp and not moe_layers:
+    tiled_swiglu = tiled_mlp and not moe_layers  # TiledMLP wraps the dense SwiGLU only
+    if tiled_swiglu:
         rows_per_slice = math.ceil(rows / tiled_mlp_shards(b, t, h, tiled_mlp_slices))
         mlp_backward = 6 * act * rows_per_slice * model.ffn_dim + act * bth
     else:
@@ -243,7 +244,7 @@ def activation_memory(
     # The all-to-all's receive buffers for dq, dk, dv (this rank's t/SP tokens, all heads) in attention's backward.
     all_to_all = act * b * t * model.head_dim * (model.n_heads + 2 * max(model.kv_heads, sp)) if sp > 1 else 0
     if checkpointed:
-        tiled = mlp_backward if tiled_mlp and not moe_layers else 0  # the SwiGLU's own, not in backward_full
+        tiled = mlp_backward if tiled_swiglu else 0  # the SwiGLU's own, not in backward_full
         layer_backward = backward_full + max(all_to_all, tiled)
     else:
         layer_backward = max(mlp_backward, all_to_all)

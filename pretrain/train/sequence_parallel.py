@@ -94,12 +94,10 @@ class SequenceParallel:
         self.size = cfg.deepspeed.sequence_parallel_size
         self.group = mpu.get_sequence_parallel_group() if mpu is not None else None
         self.rank = mpu.get_sequence_parallel_rank() if mpu is not None else 0
-        self._ulysses: dict[
-            int, Any
-        ] = {}  # one UlyssesSPAttentionHF per micro-batch size (its shapes are fixed)
-        self._slice_positions: torch.Tensor | None = (
-            None  # the batch whose mask `_mask` is (held, so never reused)
-        )
+        # One UlyssesSPAttentionHF per micro-batch size (its shapes are fixed).
+        self._ulysses: dict[int, Any] = {}
+        # The slice whose whole-sequence mask `_mask` is, held so that its identity is never reused.
+        self._slice_positions: torch.Tensor | None = None
         self._mask: Any = None
 
     @property
@@ -123,9 +121,8 @@ class SequenceParallel:
         v: torch.Tensor,
         position_ids: torch.Tensor,
     ) -> torch.Tensor:
-        if (
-            position_ids is not self._slice_positions
-        ):  # a new forward (every layer and its recompute share one)
+        # A new forward: every layer of one, and activation checkpointing's recompute, pass the same slice.
+        if position_ids is not self._slice_positions:
             self._slice_positions, self._mask = position_ids, None
         out, _ = self._ulysses_for(q.shape[0])(module, q, k, v, None, position_ids=position_ids)
         return out  # [B, T / SP, H * d]
