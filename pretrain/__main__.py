@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import sys
 
-# Bitwise-repeatable CPU runs (exact resume): without it MKL's GEMMs may choose code paths by their operands'
-# memory alignment, which varies between runs with allocation timing (background batch prefetch, load). MKL
-# reads this at its first call, so it is set before torch is imported, in every rank; a user's setting wins.
+# Bitwise-repeatable CPU runs (exact resume): MKL documents that outside its conditional numerical
+# reproducibility mode a GEMM's result may depend on its operands' memory alignment. (On the Xeon the suite runs
+# on, sgemm gave the same bits at every alignment and thread count without it.) MKL reads this at its first
+# call, so it is set before torch is imported, in every rank; a user's setting wins.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import hydra

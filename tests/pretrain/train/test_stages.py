@@ -111,17 +111,23 @@ def test_a_killed_stage_resumes_the_stage_with_the_same_losses(stage, debug_run,
     assert "resumed from" in resumed.stderr and "starts from" not in resumed.stderr
     steps = [m["step"] for m in read_metrics(tmp_path / "stage") if "train/loss" in m]
     assert steps == list(range(1, 9))
-    # The same losses and gradient norms as the uninterrupted stage, within a few fp32 roundings rather than
-    # bitwise: two independent 1-rank runs (2 intra-op threads) under the full suite's load have twice differed
-    # by one or two roundings of a step's loss sum (2e-7 to 5e-7 on the mean), which 36 repeats alone, idle or
-    # loaded, never showed. A resume one sample off differs by 5e-2, one with Adam's second moments scaled by
-    # 1.001 by 1e-4 in loss and 2e-3 in gradient norm. Bitwise resume is asserted on 2 ranks by test_training.
-    for key, tolerance in (("train/loss", 2e-6), ("train/grad_norm", 1e-5)):
-        got, want = (
-            {m["step"]: m[key] for m in read_metrics(run) if "train/loss" in m}
-            for run in (tmp_path / "stage", stage[0])
-        )
-        assert got == pytest.approx(want, rel=0, abs=tolerance), key
+    # The same losses and gradient norms as the uninterrupted stage, within 2e-5 and 1e-4 rather than bitwise: in
+    # 3 of the last 7 runs of the whole suite two such independent 1-rank runs (2 intra-op threads) reported a
+    # step's loss 2e-7 to 3e-6 apart (the resumed run was the one off, or the uninterrupted one), which 36
+    # repeats alone, idle or loaded, never showed. A resume one sample off differs by 5e-2; one with Adam's second moments
+    # scaled by 1.001 by 1e-4 in loss and 2e-3 in gradient norm. Bitwise resume is asserted on 2 ranks by
+    # test_training.
+    got, want = (
+        {m["step"]: m for m in read_metrics(run) if "train/loss" in m}
+        for run in (tmp_path / "stage", stage[0])
+    )
+    far = {
+        (step, key): (got[step][key], want[step][key])
+        for step in want
+        for key, tolerance in (("train/loss", 2e-5), ("train/grad_norm", 1e-4))
+        if abs(got[step][key] - want[step][key]) > tolerance
+    }
+    assert not far, far
     # Both token counts resume too: slots and real target tokens, step by step as the uninterrupted stage.
     counts = [[(m["train/tokens"], m["train/target_tokens_total"]) for m in read_metrics(run) if "train/loss" in m]
               for run in (tmp_path / "stage", stage[0])]  # fmt: skip
