@@ -23,16 +23,20 @@ from tests.helpers import WANDB_SECRET, run_pretrain
 # together instead of one running a long file alone at the end. Every other file follows in collection order.
 LONGEST_FIRST = (
     "tests/slurm",
-    "tests/pretrain/train/test_training.py",
+    "tests/pretrain/checkpoint/test_moe_resume.py",
     "tests/pretrain/checkpoint/test_reshard.py",
+    "tests/pretrain/train/test_training.py",
     "tests/pretrain/train/test_faults.py",
-    "tests/pretrain/model/test_parity.py",
-    "tests/pretrain/checkpoint/test_checkpoint_crash.py",
-    "tests/pretrain/train/test_stages.py",
     "tests/pretrain/train/test_gradients.py",
+    "tests/pretrain/train/test_sequence_parallel.py",
     "tests/benchmarks/test_gpu_throughput.py",
-    "tests/pretrain/checkpoint/test_checkpoint.py",
+    "tests/pretrain/train/test_stages.py",
+    "tests/pretrain/checkpoint/test_checkpoint_crash.py",
+    "tests/pretrain/model/test_parity.py",
     "tests/pretrain/train/test_launchers.py",
+    "tests/pretrain/checkpoint/test_checkpoint.py",
+    "tests/pretrain/test_configs.py",
+    "tests/pretrain/model/test_moe_parity.py",
     "tests/pretrain/planning/test_plan.py",
 )
 
