@@ -111,21 +111,27 @@ def test_a_killed_stage_resumes_the_stage_with_the_same_losses(stage, debug_run,
     assert "resumed from" in resumed.stderr and "starts from" not in resumed.stderr
     steps = [m["step"] for m in read_metrics(tmp_path / "stage") if "train/loss" in m]
     assert steps == list(range(1, 9))
-    # The same losses and gradient norms as the uninterrupted stage, within 2e-5 and 1e-4 rather than bitwise: in
-    # 3 of the last 7 runs of the whole suite two such independent 1-rank runs (2 intra-op threads) reported a
-    # step's loss 2e-7 to 3e-6 apart (the resumed run was the one off, or the uninterrupted one), which 30
-    # repeats alone, idle or loaded, never showed. A resume one sample off differs by 5e-2; one with Adam's second moments
-    # scaled by 1.001 by 1e-4 in loss and 2e-3 in gradient norm. Bitwise resume is asserted on 2 ranks by
-    # test_training.
+    # The same losses and gradient norms as the uninterrupted stage, within 2e-5 and 1e-4 relative rather than
+    # bitwise. Under the whole suite's load, one of two such 1-rank runs (2 intra-op threads; either one) has now
+    # and then taken a slightly different path from its first step's gradient (7e-7 relative in its norm), ending
+    # up to 3e-6 apart in loss and 2.2e-5 relative in gradient norm over 8 steps; 30 repeats alone, idle or loaded,
+    # never did. A resume one sample off differs by 5e-2 in loss; one with Adam's second moments scaled by 1.001
+    # by 1e-4 in loss and 6e-4 relative in gradient norm. Bitwise resume is asserted on 2 ranks by test_training.
     got, want = (
         {m["step"]: m for m in read_metrics(run) if "train/loss" in m}
         for run in (tmp_path / "stage", stage[0])
     )
     far = {
-        (step, key): (got[step][key], want[step][key])
+        step: (
+            got[step]["train/loss"],
+            want[step]["train/loss"],
+            got[step]["train/grad_norm"],
+            want[step]["train/grad_norm"],
+        )
         for step in want
-        for key, tolerance in (("train/loss", 2e-5), ("train/grad_norm", 1e-4))
-        if abs(got[step][key] - want[step][key]) > tolerance
+        if abs(got[step]["train/loss"] - want[step]["train/loss"]) > 2e-5
+        or abs(got[step]["train/grad_norm"] - want[step]["train/grad_norm"])
+        > 1e-4 * want[step]["train/grad_norm"]
     }
     assert not far, far
     # Both token counts resume too: slots and real target tokens, step by step as the uninterrupted stage.
