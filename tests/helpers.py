@@ -38,5 +38,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def step_metrics(run_dir: Path) -> dict[int, dict]:
+    """Each training step's logged metrics (the last record of a step a resume repeated)."""
+    return {m["step"]: m for m in read_metrics(run_dir) if "train/loss" in m}
+
+
 def step_losses(run_dir: Path) -> dict[int, float]:
-    return {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}
+    return {step: m["train/loss"] for step, m in step_metrics(run_dir).items()}

@@ -225,13 +225,13 @@ class Trainer:
         """
         metrics: dict[str, float] = {}
         grand_total = grand_count = 0.0
+        sp = self.engine.sequence_parallel
         for name, dataset in self.val_sources.items():
             # The sequences of a world of plain data-parallel ranks, whatever the SP: each SP group reads SP ranks'
             # share and feeds it in forwards of the same rows as without SP, each sliced like a training batch.
             rows = min(self.cfg.train.micro_batch_size, len(dataset) // self.env.world_size)
             if rows == 0:
                 continue
-            sp = self.engine.sequence_parallel
             batch_seqs = rows * sp.size * self.dp_size
             loader = GlobalBatchLoader(dataset, rank=self.dp_rank, world_size=self.dp_size)
             total = count = 0.0

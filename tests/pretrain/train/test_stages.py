@@ -33,7 +33,7 @@ from pretrain.train.stages import (
     parent_to_start_from,
     parent_tokenizer,
 )
-from tests.helpers import ROOT, read_metrics, run_pretrain, step_losses
+from tests.helpers import ROOT, read_metrics, run_pretrain, step_losses, step_metrics
 
 STAGE = ("train.run_name=stage", "train.local_processes=1", "model.max_seq_len=128", "data.packing.seq_len=128",
          "model.rope_base=40000", "train.total_tokens=8192", "train.global_batch_tokens=1024",
@@ -117,10 +117,7 @@ def test_a_killed_stage_resumes_the_stage_with_the_same_losses(stage, debug_run,
     # up to 3e-6 apart in loss and 2.2e-5 relative in gradient norm over 8 steps; 30 repeats alone, idle or loaded,
     # never did. A resume one sample off differs by 5e-2 in loss; one with Adam's second moments scaled by 1.001
     # by 1e-4 in loss and 6e-4 relative in gradient norm. Bitwise resume is asserted on 2 ranks by test_training.
-    got, want = (
-        {m["step"]: m for m in read_metrics(run) if "train/loss" in m}
-        for run in (tmp_path / "stage", stage[0])
-    )
+    got, want = (step_metrics(run) for run in (tmp_path / "stage", stage[0]))
     far = {
         step: (
             got[step]["train/loss"],
@@ -135,8 +132,9 @@ def test_a_killed_stage_resumes_the_stage_with_the_same_losses(stage, debug_run,
     }
     assert not far, far
     # Both token counts resume too: slots and real target tokens, step by step as the uninterrupted stage.
-    counts = [[(m["train/tokens"], m["train/target_tokens_total"]) for m in read_metrics(run) if "train/loss" in m]
-              for run in (tmp_path / "stage", stage[0])]  # fmt: skip
+    counts = [
+        [(m["train/tokens"], m["train/target_tokens_total"]) for m in run.values()] for run in (got, want)
+    ]
     assert counts[0] == counts[1] and counts[0][-1][1] < counts[0][-1][0] == 8192
 
 
